@@ -1,0 +1,25 @@
+"""The decoding cache: per layer, the conv state (last k-1 conv inputs) and the SSM state."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+import torch
+
+
+@dataclass
+class MambaCache:
+    """States carried between forward calls. A fresh cache (all None) starts a sequence from zeros;
+    each mixer replaces its entries after every call, so prefill then one-token steps continue exactly."""
+
+    conv: list[torch.Tensor | None] = field(default_factory=list)
+    ssm: list[torch.Tensor | None] = field(default_factory=list)
+    seqlen: int = 0
+
+    @classmethod
+    def empty(cls, n_layer: int) -> MambaCache:
+        return cls(conv=[None] * n_layer, ssm=[None] * n_layer)
+
+    def nbytes(self) -> int:
+        """Bytes held by all states."""
+        return sum(t.numel() * t.element_size() for t in self.conv + self.ssm if t is not None)
