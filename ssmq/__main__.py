@@ -1,0 +1,5 @@
+"""`python -m ssmq` runs the CLI."""
+
+from ssmq.cli.main import main
+
+main()
