@@ -11,6 +11,7 @@ import math
 import torch
 from torch import nn
 
+from ssmq.models.taps import Taps
 from ssmq.ops import conv, norm, scan
 
 
@@ -40,17 +41,23 @@ class GatedRMSNorm(nn.Module):
 
 
 class CausalConv1d(nn.Module):
-    """Depthwise causal conv1d; `weight` has the checkpoint shape (channels, 1, kernel)."""
+    """Depthwise causal conv1d followed by SiLU; `weight` has the checkpoint shape (channels, 1, kernel).
 
-    def __init__(self, channels: int, kernel: int, bias: bool):
+    Conv and activation are one module because quantized kernels fuse them (and the output
+    quantization); the pre-activation is still visible through the `conv.pre_act` tap."""
+
+    def __init__(self, channels: int, kernel: int, bias: bool, taps: Taps, prefix: str):
         super().__init__()
         self.weight = nn.Parameter(torch.empty(channels, 1, kernel))
         self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        self.taps, self.pre_act_tap = taps, prefix + "conv.pre_act"
         nn.init.kaiming_uniform_(self.weight, a=math.sqrt(5))
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        """x: (batch, length, channels). Returns fp32 pre-activation output and the new conv state."""
-        return conv.causal_conv1d(x, self.weight[:, 0], self.bias, state)
+        """x: (batch, length, channels). Returns silu(conv(x)) in x's dtype and the new conv state."""
+        pre, new_state = conv.causal_conv1d(x, self.weight[:, 0], self.bias, state)
+        pre = self.taps(self.pre_act_tap, pre)
+        return nn.functional.silu(pre).to(x.dtype), new_state
 
 
 class DeltaProjection(nn.Module):
@@ -67,16 +74,17 @@ class DeltaProjection(nn.Module):
 
 
 class SelectiveScan(nn.Module):
-    """Mamba1's selective scan as a swappable module (no parameters of its own)."""
+    """Mamba1's selective scan as a swappable module (no parameters of its own); output in u's dtype."""
 
     def forward(self, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor,
                 state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, True, state)
+        y, last = scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, True, state)
+        return y.to(u.dtype), last
 
 
 class SSDScan(nn.Module):
-    """Mamba2's chunked SSD scan as a swappable module (no parameters of its own)."""
+    """Mamba2's chunked SSD scan as a swappable module (no parameters of its own); output in x's dtype."""
 
     def __init__(self, chunk_size: int, dt_limit: tuple[float, float]):
         super().__init__()
@@ -86,4 +94,5 @@ class SSDScan(nn.Module):
     def forward(self, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 D: torch.Tensor, dt_bias: torch.Tensor,
                 state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        return scan.ssd_scan(x, dt, A, B, C, self.chunk_size, D, dt_bias, True, self.dt_limit, state)
+        y, last = scan.ssd_scan(x, dt, A, B, C, self.chunk_size, D, dt_bias, True, self.dt_limit, state)
+        return y.to(x.dtype), last

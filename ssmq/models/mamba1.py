@@ -21,7 +21,7 @@ class Mamba1Mixer(nn.Module):
         self.layer, self.taps, self.prefix = layer, taps, f"layers.{layer}."
         self.d_inner, self.d_state, self.dt_rank = cfg.d_inner, cfg.d_state, cfg.dt_rank
         self.in_proj = nn.Linear(cfg.d_model, 2 * cfg.d_inner, bias=cfg.proj_bias)
-        self.conv1d = CausalConv1d(cfg.d_inner, cfg.d_conv, cfg.conv_bias)
+        self.conv1d = CausalConv1d(cfg.d_inner, cfg.d_conv, cfg.conv_bias, taps, self.prefix)
         self.x_proj = nn.Linear(cfg.d_inner, cfg.dt_rank + 2 * cfg.d_state, bias=False)
         self.dt_proj = DeltaProjection(cfg.dt_rank, cfg.d_inner)
         self.A_log = nn.Parameter(torch.empty(cfg.d_inner, cfg.d_state))
@@ -33,12 +33,10 @@ class Mamba1Mixer(nn.Module):
     def forward(self, hidden: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
         """hidden: (batch, length, d_model), the tapped norm output. Updates `cache` in place."""
         tap, p = self.taps, self.prefix
-        dtype = hidden.dtype
         xz = tap(p + "in_proj.out", self.in_proj(hidden))
         x, z = xz.split(self.d_inner, dim=-1)
-        pre, conv_state = self.conv1d(x, cache.conv[self.layer] if cache else None)
-        pre = tap(p + "conv.pre_act", pre)
-        u = tap(p + "conv.out", nn.functional.silu(pre).to(dtype))
+        u, conv_state = self.conv1d(x, cache.conv[self.layer] if cache else None)
+        u = tap(p + "conv.out", u)
         x_dbl = tap(p + "x_proj.out", self.x_proj(u))
         dt_low, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = tap(p + "dt_proj.out", self.dt_proj(dt_low))
@@ -48,6 +46,6 @@ class Mamba1Mixer(nn.Module):
         state = tap(p + "ssm.state", state)
         if cache is not None:
             cache.conv[self.layer], cache.ssm[self.layer] = conv_state, state
-        y = tap(p + "ssm.y", y.to(dtype))
+        y = tap(p + "ssm.y", y)
         y = tap(p + "out_proj.in", self.out_rotation(y))
         return self.out_proj(y)

@@ -22,7 +22,7 @@ class Mamba2Mixer(nn.Module):
         bc = cfg.ngroups * cfg.d_state
         self.splits = [cfg.d_inner, cfg.d_inner, bc, bc, cfg.nheads]
         self.in_proj = nn.Linear(cfg.d_model, cfg.in_proj_dim, bias=cfg.proj_bias)
-        self.conv1d = CausalConv1d(cfg.conv_dim, cfg.d_conv, cfg.conv_bias)
+        self.conv1d = CausalConv1d(cfg.conv_dim, cfg.d_conv, cfg.conv_bias, taps, self.prefix)
         self.dt_bias = nn.Parameter(torch.zeros(cfg.nheads))
         self.A_log = nn.Parameter(torch.zeros(cfg.nheads))
         self.D = nn.Parameter(torch.ones(cfg.nheads))
@@ -35,13 +35,11 @@ class Mamba2Mixer(nn.Module):
         """hidden: (batch, length, d_model), the tapped norm output. Updates `cache` in place."""
         tap, p = self.taps, self.prefix
         batch, length, _ = hidden.shape
-        dtype = hidden.dtype
         z, x, B, C, dt = self.in_proj(hidden).split(self.splits, dim=-1)
         z, x = tap(p + "in_proj.z", z), tap(p + "in_proj.x", x)
         B, C, dt = tap(p + "in_proj.B", B), tap(p + "in_proj.C", C), tap(p + "in_proj.dt", dt)
-        pre, conv_state = self.conv1d(torch.cat([x, B, C], dim=-1), cache.conv[self.layer] if cache else None)
-        pre = tap(p + "conv.pre_act", pre)
-        x, B, C = nn.functional.silu(pre).to(dtype).split(self.splits[1:4], dim=-1)
+        xBC, conv_state = self.conv1d(torch.cat([x, B, C], dim=-1), cache.conv[self.layer] if cache else None)
+        x, B, C = xBC.split(self.splits[1:4], dim=-1)
         x, B, C = tap(p + "conv.x", x), tap(p + "conv.B", B), tap(p + "conv.C", C)
         A = -torch.exp(self.A_log.float())
         y, state = self.scan(x.reshape(batch, length, self.nheads, self.headdim), dt, A,
@@ -51,6 +49,6 @@ class Mamba2Mixer(nn.Module):
         state = tap(p + "ssm.state", state)
         if cache is not None:
             cache.conv[self.layer], cache.ssm[self.layer] = conv_state, state
-        y = tap(p + "ssm.y", y.reshape(batch, length, self.d_inner).to(dtype))
+        y = tap(p + "ssm.y", y.reshape(batch, length, self.d_inner))
         y = tap(p + "out_proj.in", self.out_rotation(self.norm(y, z)))
         return self.out_proj(y)
