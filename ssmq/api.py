@@ -12,15 +12,19 @@ from ssmq.models.device import parse_device, parse_dtype
 from ssmq.models.lm import MambaLM
 from ssmq.models.registry import resolve_model_dir
 from ssmq.models.tokenizer import check_vocab_fits, find_tokenizer, load_tokenizer
+from ssmq.quant.qmodel import is_quantized_dir, load_quantized
 
 
 def load(model: str | Path, tokenizer: str | Path | None = None, device: str | torch.device | None = "cpu",
          dtype: str | torch.dtype | None = None) -> tuple[MambaLM, Tokenizer | None]:
-    """Load a model directory or built-in name, with its tokenizer (None when there is none).
-
-    The tokenizer is `tokenizer` if given, else `tokenizer.json` in the model directory."""
+    """Load a model directory, quantized checkpoint or built-in name, with its tokenizer (None when
+    there is none). The tokenizer is `tokenizer` if given, else `tokenizer.json` in the directory.
+    `dtype` applies to fp models; a quantized model keeps the representation its plan gives it."""
     directory = resolve_model_dir(model)
-    lm = load_model(directory, parse_device(device), parse_dtype(dtype))
+    if is_quantized_dir(directory):
+        lm: MambaLM = load_quantized(directory, parse_device(device))
+    else:
+        lm = load_model(directory, parse_device(device), parse_dtype(dtype))
     tok_path = find_tokenizer(directory, Path(tokenizer) if tokenizer is not None else None)
     tok = None
     if tok_path is not None:

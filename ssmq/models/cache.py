@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 import torch
 
+from ssmq.ops.qtensor import QTensor
+
 
 @dataclass
 class MambaCache:
@@ -13,7 +15,7 @@ class MambaCache:
     each mixer replaces its entries after every call, so prefill then one-token steps continue exactly."""
 
     conv: list[torch.Tensor | None] = field(default_factory=list)
-    ssm: list[torch.Tensor | None] = field(default_factory=list)
+    ssm: list[torch.Tensor | QTensor | None] = field(default_factory=list)
     seqlen: int = 0
 
     @classmethod
@@ -21,5 +23,11 @@ class MambaCache:
         return cls(conv=[None] * n_layer, ssm=[None] * n_layer)
 
     def nbytes(self) -> int:
-        """Bytes held by all states."""
-        return sum(t.numel() * t.element_size() for t in self.conv + self.ssm if t is not None)
+        """Bytes held by all states (int8 codes and their scales included)."""
+        tensors = []
+        for state in self.conv + self.ssm:
+            if isinstance(state, QTensor):
+                tensors += [state.codes, state.scale]
+            elif state is not None:
+                tensors.append(state)
+        return sum(t.numel() * t.element_size() for t in tensors)

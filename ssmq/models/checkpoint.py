@@ -98,9 +98,9 @@ def _normalize_keys(state: dict[str, torch.Tensor], cfg: MambaConfig) -> dict[st
 
 
 def expected_tensors(model: MambaLM) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint of `model` holds (the tied lm_head is stored once, as the embedding)."""
+    """The tensors a checkpoint of `model` holds (a tied lm_head is stored once, as the embedding)."""
     state = model.state_dict()
-    if model.config.tie_embeddings:
+    if model.lm_head.weight is model.backbone.embeddings.weight:
         state.pop("lm_head.weight", None)
     return state
 

@@ -68,11 +68,12 @@ class MambaLM(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        return self.backbone.embeddings.weight.dtype
+        """The floating-point dtype of the model's activations (that of the final norm)."""
+        return self.backbone.norm_f.weight.dtype
 
     @property
     def device(self) -> torch.device:
-        return self.backbone.embeddings.weight.device
+        return self.backbone.norm_f.weight.device
 
     def forward(self, input_ids: torch.Tensor, cache: MambaCache | None = None) -> torch.Tensor:
         """Logits (batch, length, vocab) for token ids (batch, length). With a cache, continues from its

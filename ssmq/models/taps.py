@@ -16,12 +16,15 @@ import re
 from collections.abc import Callable, Iterable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from typing import Union
 
 import torch
 
 from ssmq.errors import SsmqError
+from ssmq.ops.qtensor import QTensor
 
 TapHook = Callable[[str, torch.Tensor], "torch.Tensor | None"]
+TapValue = Union[torch.Tensor, QTensor]
 
 
 @dataclass(frozen=True)
@@ -172,11 +175,13 @@ class Taps:
         self.names: tuple[str, ...] = tuple(names)
         self._hooks: dict[str, list[TapHook]] = {}
 
-    def __call__(self, name: str, x: torch.Tensor) -> torch.Tensor:
-        """Pass `x` through the hooks registered on `name`; a hook returning a tensor replaces x."""
+    def __call__(self, name: str, x: TapValue) -> TapValue:
+        """Pass `x` through the hooks registered on `name`; a hook returning a tensor replaces x.
+
+        Hooks always see real values: a QTensor (int8 codes + scale) is shown to them dequantized."""
         if self._hooks:
             for hook in self._hooks.get(name, ()):
-                out = hook(name, x)
+                out = hook(name, x.dequantize() if isinstance(x, QTensor) else x)
                 if out is not None:
                     x = out
         return x

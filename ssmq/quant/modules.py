@@ -1,0 +1,195 @@
+"""Quantized drop-in modules: same call signatures as the fp ones in ssmq.models.layers, int8 inside.
+
+Each module quantizes its own output to the scale of the tap it feeds (as a fused kernel would) and
+reads that scale from the ScaleBook at forward time, by name; a consumer reads the producer's scale
+from the QTensor it receives. So every logical scale exists once, and editing it reaches every user.
+Weights are int8 buffers with their weight scales; they are built from an fp module by `from_float`
+or left empty (to be filled by a checkpoint) when built from shapes.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ssmq.models.taps import Taps
+from ssmq.ops import conv as fconv
+from ssmq.ops import scan as fscan
+from ssmq.ops import hadamard, int8_conv, int8_embedding, int8_linear, int8_norm, int8_scan
+from ssmq.ops.norm import rms_norm
+from ssmq.ops.quantize import dequantize, quantize, scale_from_amax
+from ssmq.ops.qtensor import QTensor
+from ssmq.quant.scalebook import ScaleBook
+
+
+class ActQuant:
+    """How one activation is quantized: to the static scale `name` of a ScaleBook, or dynamically
+    (one scale per row of the last dimension, from its abs max, at run time) when `name` is None."""
+
+    def __init__(self, book: ScaleBook | None, name: str | None):
+        self.book, self.name = book, name
+
+    @property
+    def static(self) -> bool:
+        return self.name is not None
+
+    def scale_for(self, x: torch.Tensor) -> torch.Tensor:
+        if self.name is not None:
+            return self.book[self.name].to(x.device)
+        return scale_from_amax(x.detach().abs().amax(dim=-1, keepdim=True).float())
+
+    def __call__(self, x: torch.Tensor) -> QTensor:
+        scale = self.scale_for(x)
+        return QTensor(quantize(x, scale), scale)
+
+
+def _as_codes(x: QTensor | torch.Tensor, q: ActQuant) -> QTensor:
+    """Inputs that arrive in float (e.g. after an fp module) are quantized with the consumer's quantizer."""
+    return x if isinstance(x, QTensor) else q(x)
+
+
+class QuantRMSNorm(nn.Module):
+    """RMSNorm then quantization to the `norm.out` scale (the reference of the fused add+norm+quant kernel)."""
+
+    def __init__(self, dim: int, eps: float, out: ActQuant):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps, self.out = eps, out
+
+    def forward(self, x: torch.Tensor) -> QTensor:
+        if not self.out.static:
+            return self.out(rms_norm(x, self.weight.float(), self.eps))
+        scale = self.out.scale_for(x)
+        codes, _ = int8_norm.int8_add_rms_norm(x, None, self.weight, self.eps, scale)
+        return QTensor(codes, scale)
+
+
+class W8A8Linear(nn.Module):
+    """int8 activations x int8 weights, exact int32 accumulation, one fp32 rescale; the output is
+    requantized to the `out` scale when given, else returned in `out_dtype`."""
+
+    adds_bias = True
+
+    def __init__(self, in_features: int, out_features: int, bias: bool, per_channel: bool,
+                 inp: ActQuant, out: ActQuant | None, out_dtype: torch.dtype = torch.float16):
+        super().__init__()
+        self.in_features, self.out_features = in_features, out_features
+        self.register_buffer("weight", torch.zeros(out_features, in_features, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(out_features if per_channel else 1))
+        self.bias = nn.Parameter(torch.zeros(out_features)) if bias else None
+        self.inp, self.out, self.out_dtype = inp, out, out_dtype
+
+    @torch.no_grad()
+    def load_float(self, weight: torch.Tensor, bias: torch.Tensor | None) -> W8A8Linear:
+        codes, scale = int8_linear.quantize_weight(weight.float(), per_channel=self.weight_scale.numel() > 1)
+        self.weight.copy_(codes)
+        self.weight_scale.copy_(scale.reshape(-1))
+        if bias is not None and self.bias is not None:
+            self.bias.copy_(bias.float())
+        return self
+
+    def forward(self, x: QTensor | torch.Tensor) -> QTensor | torch.Tensor:
+        x = _as_codes(x, self.inp)
+        bias = self.bias.float() if self.bias is not None and self.adds_bias else None
+        if self.out is not None and self.out.static:
+            scale = self.out.scale_for(x.codes)
+            codes = int8_linear.int8_linear(x.codes, x.scale, self.weight, self.weight_scale, bias, out_scale=scale)
+            return QTensor(codes, scale)
+        y = int8_linear.int8_linear(x.codes, x.scale, self.weight, self.weight_scale, bias, out_dtype=torch.float32)
+        return self.out(y) if self.out is not None else y.to(self.out_dtype)
+
+
+class W8A8DeltaProjection(W8A8Linear):
+    """Quantized dt_proj: the matmul alone; its fp `bias` is added inside the scan, before softplus."""
+
+    adds_bias = False
+
+
+class QuantCausalConv1d(nn.Module):
+    """int8 depthwise causal conv1d + SiLU, output quantized to the `conv.out` scale. The decode state
+    holds the last k-1 int8 input codes (static) or their dequantized values (dynamic scales)."""
+
+    def __init__(self, channels: int, kernel: int, bias: bool, per_channel: bool, out: ActQuant,
+                 taps: Taps, prefix: str):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(channels, 1, kernel, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(channels if per_channel else 1))
+        self.bias = nn.Parameter(torch.zeros(channels)) if bias else None
+        self.out, self.taps, self.pre_act_tap = out, taps, prefix + "conv.pre_act"
+
+    @torch.no_grad()
+    def load_float(self, weight: torch.Tensor, bias: torch.Tensor | None) -> QuantCausalConv1d:
+        codes, scale = int8_linear.quantize_weight(weight[:, 0].float(), per_channel=self.weight_scale.numel() > 1)
+        self.weight.copy_(codes.unsqueeze(1))
+        self.weight_scale.copy_(scale.reshape(-1))
+        if bias is not None and self.bias is not None:
+            self.bias.copy_(bias.float())
+        return self
+
+    def forward(self, x: QTensor, state: torch.Tensor | None) -> tuple[QTensor, torch.Tensor]:
+        """Static scales: int8 conv on the codes, state = int8 codes. Dynamic (per-token input scales):
+        the codes are dequantized first and the state holds fp32 inputs."""
+        bias = None if self.bias is None else self.bias.float()
+        w_scale = self.weight_scale if self.weight_scale.numel() > 1 else self.weight_scale[0]
+        if self.out.static:
+            pre, new_state = int8_conv.int8_causal_conv1d(x.codes, x.scale, self.weight[:, 0], w_scale, bias, state)
+        else:
+            w = dequantize(self.weight[:, 0], w_scale.reshape(-1, 1))
+            pre, new_state = fconv.causal_conv1d(x.dequantize(), w, bias, state)
+        pre = self.taps(self.pre_act_tap, pre)
+        return self.out(nn.functional.silu(pre)), new_state
+
+
+class QuantSelectiveScan(nn.Module):
+    """Selective scan on int8 u, delta, B, C, z (fp32 recurrence, fp16 output); the final state is
+    quantized to the `ssm.state` scale and kept as int8 codes in the decode cache."""
+
+    def __init__(self, state: ActQuant, z: ActQuant):
+        super().__init__()
+        self.state, self.z = state, z
+
+    def forward(self, u: QTensor, delta: QTensor, A: torch.Tensor, B: QTensor, C: QTensor, D: torch.Tensor,
+                z: QTensor | torch.Tensor, delta_bias: torch.Tensor,
+                state: QTensor | None) -> tuple[torch.Tensor, QTensor]:
+        z = _as_codes(z, self.z)
+        if self.state.static:
+            scale = self.state.scale_for(u.codes)
+            y, codes = int8_scan.int8_selective_scan(
+                u.codes, u.scale, delta.codes, delta.scale, A, B.codes, B.scale, C.codes, C.scale, scale,
+                D=D.float(), z_q=z.codes, z_scale=z.scale, delta_bias=delta_bias.float(),
+                state_q=None if state is None else state.codes)
+            return y, QTensor(codes, scale)
+        y, last = fscan.selective_scan(u.dequantize(), delta.dequantize(), A, B.dequantize(), C.dequantize(),
+                                       D.float(), z.dequantize(), delta_bias.float(), True,
+                                       None if state is None else state.dequantize())
+        return y.to(torch.float16), self.state(last)
+
+
+class QuantHadamard(nn.Module):
+    """The online rotation before out_proj (or the identity) followed by quantization to `out_proj.in`."""
+
+    def __init__(self, rotate: bool, out: ActQuant):
+        super().__init__()
+        self.rotate, self.out = rotate, out
+
+    def forward(self, y: torch.Tensor) -> QTensor:
+        return self.out(hadamard.hadamard_transform(y.float()) if self.rotate else y.float())
+
+
+class QuantEmbedding(nn.Module):
+    """int8 embedding rows with per-row abs-max scales; lookups return fp16 rows."""
+
+    def __init__(self, num: int, dim: int):
+        super().__init__()
+        self.register_buffer("weight", torch.zeros(num, dim, dtype=torch.int8))
+        self.register_buffer("weight_scale", torch.ones(num))
+
+    @torch.no_grad()
+    def load_float(self, weight: torch.Tensor) -> QuantEmbedding:
+        codes, scale = int8_embedding.quantize_embedding(weight.float())
+        self.weight.copy_(codes)
+        self.weight_scale.copy_(scale.reshape(-1))
+        return self
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        return int8_embedding.int8_embedding(ids, self.weight, self.weight_scale).to(torch.float16)

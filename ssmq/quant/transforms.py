@@ -1,0 +1,60 @@
+"""Function-preserving transforms applied to an fp model before calibration.
+
+Each leaves the fp model's logits unchanged (up to fp rounding) while changing what the taps see:
+- fold_norms: each block's RMSNorm weight moves into the columns of in_proj, so `norm.out` is the
+  plain normalised activation (per-channel gains end up in the per-channel-friendly weights);
+- rotate_out_proj: y -> H y before out_proj (H orthonormal Hadamard), with out_proj's weight
+  replaced by W H^T offline, so `out_proj.in` sees the rotated, outlier-spread activation.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import nn
+
+from ssmq.models.lm import MambaLM
+from ssmq.ops.hadamard import hadamard_matrix, hadamard_transform, rotate_weight_input
+
+
+class HadamardRotation(nn.Module):
+    """y -> H y along the last dimension (orthonormal, so out_proj can absorb H^T)."""
+
+    def __init__(self, dim: int):
+        super().__init__()
+        hadamard_matrix(dim)  # raises, naming the supported sizes, when there is no rotation of this size
+        self.dim = dim
+
+    def forward(self, y: torch.Tensor) -> torch.Tensor:
+        return hadamard_transform(y)
+
+
+@torch.no_grad()
+def fold_norms(model: MambaLM) -> None:
+    """Fold each block's RMSNorm weight into in_proj's input columns (norm weights become 1)."""
+    for block in model.backbone.layers:
+        w = block.norm.weight
+        proj = block.mixer.in_proj.weight
+        proj.copy_((proj.float() * w.float()).to(proj.dtype))
+        w.fill_(1.0)
+
+
+@torch.no_grad()
+def rotate_out_proj(model: MambaLM) -> None:
+    """Insert the online Hadamard rotation before every out_proj and fuse H^T into its weight."""
+    for block in model.backbone.layers:
+        mixer = block.mixer
+        weight = mixer.out_proj.weight
+        mixer.out_rotation = HadamardRotation(weight.shape[1])
+        weight.copy_(rotate_weight_input(weight.float()).to(weight.dtype))
+
+
+def apply_transforms(model: MambaLM, fold: bool, rotate: bool) -> list[str]:
+    """Apply the requested transforms in place; returns their names, for provenance."""
+    done = []
+    if fold:
+        fold_norms(model)
+        done.append("fold_norms")
+    if rotate:
+        rotate_out_proj(model)
+        done.append("rotate_out_proj")
+    return done
