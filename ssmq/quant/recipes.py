@@ -20,28 +20,37 @@ class Recipe:
     archs: tuple[str, ...]
     activations: str  # "static" (calibrated scales) or "dynamic" (per-token scales at run time)
     weight_granularity: str  # "tensor" or "channel" (per output channel)
-    rules: tuple[str, ...]  # scale rules for static activations
+    rules: tuple[str, ...]  # scale rules (presets or PATTERN=OBSERVER, ssmq.quant.rules) for static activations
     rotate_out_proj: bool
     fold_norms: bool
+    percentile_taps: tuple[str, ...] = ()  # the taps whose percentile alpha `--alpha` sets
 
     def with_options(self, alpha: float | None = None, rules: tuple[str, ...] = ()) -> Recipe:
-        """This recipe with every percentile rule's alpha replaced by `alpha`, then extra rules appended."""
-        base = self.rules
+        """This recipe with `alpha` for its percentile scales, then extra rules (later rules win)."""
+        extra = tuple(rules)
         if alpha is not None:
-            base = tuple(r.split("=", 1)[0] + f"=percentile(alpha={alpha})" if "percentile" in r else r for r in base)
-        return replace(self, rules=base + tuple(rules))
+            if not self.percentile_taps:
+                raise SsmqError(f"recipe {self.name!r} has no percentile scales for --alpha to set; use --rules")
+            extra = tuple(f"{tap}=percentile(alpha={alpha})" for tap in self.percentile_taps) + extra
+        if extra and self.activations == "dynamic":
+            raise SsmqError(f"recipe {self.name!r} computes scales at run time; --alpha and --rules do not apply")
+        return replace(self, rules=self.rules + extra)
 
+    @property
+    def transforms(self) -> tuple[str, ...]:
+        """Names of the fp-equivalent transforms applied before calibration, in order."""
+        return tuple(n for n, on in (("fold_norms", self.fold_norms), ("rotate_out_proj", self.rotate_out_proj)) if on)
 
-QUAMBA1_RULES = ("*=minmax", "layers.*.conv.out=percentile(alpha=0.9995)", "layers.*.ssm.state=percentile(alpha=0.9995)")
 
 RECIPES: dict[str, Recipe] = {
     "quamba1": Recipe(
         "quamba1", "Quamba W8A8: static per-tensor scales, percentile on conv.out and ssm.state, "
         "Hadamard-rotated out_proj input, norm weights folded into in_proj",
-        ("mamba1",), "static", "tensor", QUAMBA1_RULES, rotate_out_proj=True, fold_norms=True),
+        ("mamba1",), "static", "tensor", ("quamba1",), rotate_out_proj=True, fold_norms=True,
+        percentile_taps=("layers.*.conv.out", "layers.*.ssm.state")),
     "minmax-static": Recipe(
         "minmax-static", "W8A8 baseline: the same int8 ops with static min-max scales everywhere, no rotation",
-        ("mamba1",), "static", "tensor", ("*=minmax",), rotate_out_proj=False, fold_norms=False),
+        ("mamba1",), "static", "tensor", ("minmax",), rotate_out_proj=False, fold_norms=False),
     "dynamic": Recipe(
         "dynamic", "W8A8 baseline: per-token dynamic activation scales computed at run time, per-channel weights",
         ("mamba1",), "dynamic", "channel", (), rotate_out_proj=False, fold_norms=False),

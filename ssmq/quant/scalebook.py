@@ -67,6 +67,9 @@ class ScaleBook:
     def names(self) -> list[str]:
         return list(self._entries)
 
+    def items(self) -> list[tuple[str, ScaleEntry]]:
+        return list(self._entries.items())
+
     def entry(self, name: str) -> ScaleEntry:
         try:
             return self._entries[name]

@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from ssmq.models.lm import MambaLM
-from ssmq.ops.hadamard import hadamard_matrix, hadamard_transform, rotate_weight_input
+from ssmq.ops.hadamard import check_hadamard_size, hadamard_transform, rotate_weight_input
 
 
 class HadamardRotation(nn.Module):
@@ -21,7 +21,7 @@ class HadamardRotation(nn.Module):
 
     def __init__(self, dim: int):
         super().__init__()
-        hadamard_matrix(dim)  # raises, naming the supported sizes, when there is no rotation of this size
+        check_hadamard_size(dim)
         self.dim = dim
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
@@ -48,13 +48,10 @@ def rotate_out_proj(model: MambaLM) -> None:
         weight.copy_(rotate_weight_input(weight.float()).to(weight.dtype))
 
 
-def apply_transforms(model: MambaLM, fold: bool, rotate: bool) -> list[str]:
-    """Apply the requested transforms in place; returns their names, for provenance."""
-    done = []
-    if fold:
-        fold_norms(model)
-        done.append("fold_norms")
-    if rotate:
-        rotate_out_proj(model)
-        done.append("rotate_out_proj")
-    return done
+TRANSFORMS = {"fold_norms": fold_norms, "rotate_out_proj": rotate_out_proj}
+
+
+def apply_transforms(model: MambaLM, names: tuple[str, ...] | list[str]) -> None:
+    """Apply the named transforms in place, in order."""
+    for name in names:
+        TRANSFORMS[name](model)

@@ -1,0 +1,113 @@
+"""`ssmq.quantize`: recipe -> transforms -> calibration statistics -> scales -> precision plan -> model.
+
+The source model is never modified: quantization works on an fp32 copy. Static scales come from
+calibration statistics (given, or collected here on the transformed model), each derived by the
+observer the recipe's rules assign to its tap, and recorded with that observer and a summary of the
+statistics it was derived from.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+from dataclasses import asdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from tokenizers import Tokenizer
+
+import ssmq
+from ssmq.api import load
+from ssmq.errors import SsmqError
+from ssmq.models.checkpoint import state_dict_sha256
+from ssmq.models.lm import MambaLM
+from ssmq.quant.calibrate import calibrate
+from ssmq.quant.plan import build_plan, convert, scale_names
+from ssmq.quant.qmodel import QuantizedMambaLM
+from ssmq.quant.recipes import Recipe, check_arch, get_recipe
+from ssmq.quant.rules import RuleSet
+from ssmq.quant.scalebook import ScaleBook, ScaleEntry
+from ssmq.quant.stats import CalibrationStats
+from ssmq.quant.transforms import apply_transforms
+
+log = logging.getLogger(__name__)
+
+
+def _fp_copy(model: str | Path | MambaLM, tokenizer: str | Path | Tokenizer | None
+             ) -> tuple[MambaLM, Tokenizer | None, str]:
+    """An fp32 CPU copy of the source model (never the caller's object), its tokenizer and a label."""
+    if isinstance(model, MambaLM):
+        if isinstance(model, QuantizedMambaLM):
+            raise SsmqError("the model is already quantized; quantize its fp source instead")
+        tok = tokenizer if isinstance(tokenizer, Tokenizer) or tokenizer is None else load(model, tokenizer)[1]
+        return copy.deepcopy(model).float().cpu(), tok, "<in-memory model>"
+    lm, tok = load(model, tokenizer=None if isinstance(tokenizer, Tokenizer) else tokenizer)
+    if isinstance(lm, QuantizedMambaLM):
+        raise SsmqError(f"{model}: is already a quantized checkpoint; quantize its fp source instead")
+    return lm.float(), tokenizer if isinstance(tokenizer, Tokenizer) else tok, str(model)
+
+
+def _check_stats(stats: CalibrationStats, recipe: Recipe, source_sha: str, names: list[str]) -> None:
+    prov = stats.provenance
+    if prov.get("model_sha256") != source_sha:
+        raise SsmqError(f"statistics were collected on another model (model sha256 {prov.get('model_sha256')}, "
+                        f"this model {source_sha}); calibrate this model")
+    if tuple(prov.get("transforms", ())) != recipe.transforms:
+        raise SsmqError(f"statistics were collected with transforms {list(prov.get('transforms', []))}, recipe "
+                        f"{recipe.name!r} needs {list(recipe.transforms)}; calibrate with --recipe {recipe.name}")
+    for name in names:
+        stats.tap(name)  # raises naming the missing tap
+
+
+def _scale_entries(stats: CalibrationStats, recipe: Recipe, arch: str, names: list[str]) -> dict[str, ScaleEntry]:
+    assigned = RuleSet(list(recipe.rules)).assign(arch, names)
+    entries = {}
+    for name, (spec, rule) in assigned.items():
+        value = stats.derive(name, spec)
+        tap = stats.tap(name)
+        entries[name] = ScaleEntry(
+            value=(value / 127).clamp(min=1e-6).float(), observer=spec.kind, params=dict(spec.params),
+            stats={"rule": str(rule), "absmax": tap.absmax, "count": tap.count,
+                   "clipped_fraction": stats.clipped_fraction(name, float((value / 127).max()))})
+    return entries
+
+
+def quantize(model: str | Path | MambaLM, recipe: str = "quamba1", *, tokenizer: str | Path | Tokenizer | None = None,
+             stats: str | Path | CalibrationStats | None = None, data: str | Path | None = None,
+             n: int = 512, seqlen: int = 512, seed: int = 0, alpha: float | None = None,
+             rules: tuple[str, ...] | list[str] = (), quantize_embedding: bool = False,
+             quantize_lm_head: bool = False, device: str | torch.device = "cpu",
+             progress: bool = True) -> QuantizedMambaLM:
+    """Quantize an fp Mamba model with a recipe. Without `stats`, calibrates on `data` (default: the
+    Pile validation documents 0-255) first. Returns the quantized model (save it with `save_quantized`)."""
+    r = get_recipe(recipe).with_options(alpha, tuple(rules))
+    fp, tok, source = _fp_copy(model, tokenizer)
+    cfg = fp.config
+    check_arch(r, cfg.arch)
+    source_sha = state_dict_sha256(fp)
+    apply_transforms(fp, r.transforms)
+    plan = build_plan(cfg, r, quantize_embedding, quantize_lm_head)
+    names = scale_names(plan)
+    calibration: dict[str, Any] = {}
+    entries: dict[str, ScaleEntry] = {}
+    if r.activations == "static":
+        if stats is None:
+            stats = calibrate(fp, tok, data=data, n=n, seqlen=seqlen, seed=seed, rules=list(r.rules),
+                              device=device, progress=progress)
+            stats.provenance.update(model_sha256=source_sha, transforms=list(r.transforms))
+        elif not isinstance(stats, CalibrationStats):
+            stats = CalibrationStats.load(stats)
+        _check_stats(stats, r, source_sha, names)
+        entries = _scale_entries(stats, r, cfg.arch, names)
+        calibration = stats.provenance
+    book = ScaleBook(entries)
+    convert(fp, plan, book, r.activations == "dynamic")
+    for p in fp.parameters():  # fp parameters that remain (norms, A_log, D, biases, embedding) are stored in fp16
+        p.data = p.data.half()
+    qc = {"ssmq_version": ssmq.__version__, "recipe": asdict(r), "transforms": list(r.transforms),
+          "options": {"quantize_embedding": quantize_embedding, "quantize_lm_head": quantize_lm_head,
+                      "alpha": alpha, "rules": list(rules)},
+          "plan": plan, "calibration": calibration, "source_model": {"path": source, "sha256": source_sha}}
+    log.info("quantized %s with recipe %s: %d scales", source, r.name, len(book))
+    return QuantizedMambaLM(fp, book, qc)
