@@ -27,8 +27,20 @@ def info_cmd(model: str, tokenizer: str | None, as_json: bool) -> None:
     click.echo(f"parameters  {human_count(p['total'])} total, {human_count(p['embedding'])} embedding, "
                f"{human_count(p['per_block'])} per block, lm_head {'tied' if d['tie_embeddings'] else human_count(p['lm_head'])}")
     click.echo("dtypes      " + ", ".join(f"{k}: {human_count(v)}" for k, v in d["dtypes"].items()))
+    click.echo("bytes       " + ", ".join(f"{k}: {human_count(v)}B" for k, v in d["tensor_bytes"].items()))
     tok = d["tokenizer"]
     click.echo(f"tokenizer   {tok['path']} ({tok['vocab_size']} ids)" if tok else "tokenizer   none (pass --tokenizer)")
+    q = d.get("quantization")
+    if q:
+        click.echo(f"recipe      {q['recipe']} ({q['activations']} activations, {q['weight_granularity']} weight "
+                   f"scales, transforms: {', '.join(q['transforms']) or 'none'})")
+        click.echo("modules     " + ", ".join(f"{k} x{v}" for k, v in q["modules"].items()))
+        click.echo(f"scales      {q['scales']} activation scales (ssmq scales list {d['path']})")
+        data = q["calibration"].get("data")
+        if data:
+            click.echo(f"calibrated  {data['n']} docs x {data['seqlen']} tokens of {data['file']} "
+                       f"(sha256 {data['sha256'][:12]}), seed {data['seed']}")
+        click.echo(f"source      {q['source_model'].get('path')} (sha256 {q['source_model'].get('sha256', '')[:12]})")
 
 
 @click.command("generate")

@@ -8,6 +8,7 @@ import click
 
 from ssmq.cli.format import echo_json, echo_table
 from ssmq.errors import SsmqError
+from ssmq.models.checkpoint import check_output_dir
 from ssmq.models.registry import resolve_model_dir
 from ssmq.models.tokenizer import find_tokenizer
 from ssmq.quant.qmodel import save_quantized
@@ -23,7 +24,7 @@ from ssmq.quant.recipes import RECIPES
 @click.option("--stats", type=click.Path(), help="Statistics from `ssmq calibrate --recipe ...` (skips calibration).")
 @click.option("--data", type=click.Path(), help="Calibration text (JSONL `text` field or plain text); "
               "default: ../shared/data/pile-val-512.jsonl documents 0-255.")
-@click.option("--n", default=512, show_default=True, type=int, help="Calibration documents.")
+@click.option("--n", default=None, type=int, help="Calibration documents (default: 512, or all if fewer).")
 @click.option("--seqlen", default=512, show_default=True, type=int, help="Tokens per calibration document.")
 @click.option("--seed", default=0, show_default=True, type=int, help="Calibration document selection seed.")
 @click.option("--alpha", type=float, help="Percentile alpha for the recipe's percentile scales (quamba1: 0.9995).")
@@ -35,13 +36,14 @@ from ssmq.quant.recipes import RECIPES
 @click.option("--device", default="cpu", show_default=True, help="Device for calibration.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON summary.")
-def quantize_cmd(model: str, recipe: str, output: str, stats: str | None, data: str | None, n: int, seqlen: int,
+def quantize_cmd(model: str, recipe: str, output: str, stats: str | None, data: str | None, n: int | None, seqlen: int,
                  seed: int, alpha: float | None, rules: tuple[str, ...], quantize_embedding: bool,
                  quantize_lm_head: bool, tokenizer: str | None, device: str, overwrite: bool, as_json: bool) -> None:
     """Quantize MODEL with a recipe and write a quantized checkpoint directory."""
     source = resolve_model_dir(model)
     if Path(output).resolve() == source.resolve():
         raise SsmqError(f"{output}: the output directory is the source model; choose another")
+    check_output_dir(Path(output), overwrite)
     qm = quantize(source, recipe, tokenizer=tokenizer, stats=stats, data=data, n=n, seqlen=seqlen, seed=seed,
                   alpha=alpha, rules=rules, quantize_embedding=quantize_embedding,
                   quantize_lm_head=quantize_lm_head, device=device, progress=not as_json)

@@ -122,14 +122,20 @@ def load_model(directory: Path, device: str | torch.device = "cpu", dtype: torch
     return model.to(device).eval()
 
 
+def check_output_dir(target: Path, overwrite: bool = False) -> None:
+    """Refuse an existing non-empty output unless `overwrite` (call before long work, not only at the end)."""
+    target = Path(target)
+    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
+        raise CheckpointError(f"{target}: output exists and is not empty (pass --overwrite to replace it)")
+
+
 @contextmanager
 def atomic_directory(target: Path, overwrite: bool = False) -> Iterator[Path]:
     """Yield a temporary directory beside `target`; on success it replaces `target`, on error it is removed.
 
     An existing non-empty `target` is refused unless `overwrite`."""
     target = Path(target)
-    if target.exists() and (not target.is_dir() or any(target.iterdir())) and not overwrite:
-        raise CheckpointError(f"{target}: output exists and is not empty (pass --overwrite to replace it)")
+    check_output_dir(target, overwrite)
     target.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
     try:

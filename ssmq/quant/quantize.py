@@ -73,9 +73,26 @@ def _scale_entries(stats: CalibrationStats, recipe: Recipe, arch: str, names: li
     return entries
 
 
+def calibrate_for_recipe(model: str | Path | MambaLM, recipe: str | Recipe, *, tokenizer: str | Path | Tokenizer | None = None,
+                         output: str | Path | None = None, overwrite: bool = False, **kwargs: Any) -> CalibrationStats:
+    """Calibration statistics of `model` as `recipe` transforms it (what `quantize --stats` needs).
+
+    kwargs go to `ssmq.quant.calibrate.calibrate` (data, n, seqlen, seed, batch_size, device, progress)."""
+    r = get_recipe(recipe) if isinstance(recipe, str) else recipe
+    fp, tok, _ = _fp_copy(model, tokenizer)
+    check_arch(r, fp.config.arch)
+    source_sha = state_dict_sha256(fp)
+    apply_transforms(fp, r.transforms)
+    stats = calibrate(fp, tok, rules=list(r.rules), **kwargs)
+    stats.provenance.update(model_sha256=source_sha, transforms=list(r.transforms), recipe=r.name)
+    if output is not None:
+        stats.save(output, overwrite=overwrite)
+    return stats
+
+
 def quantize(model: str | Path | MambaLM, recipe: str = "quamba1", *, tokenizer: str | Path | Tokenizer | None = None,
              stats: str | Path | CalibrationStats | None = None, data: str | Path | None = None,
-             n: int = 512, seqlen: int = 512, seed: int = 0, alpha: float | None = None,
+             n: int | None = None, seqlen: int = 512, seed: int = 0, alpha: float | None = None,
              rules: tuple[str, ...] | list[str] = (), quantize_embedding: bool = False,
              quantize_lm_head: bool = False, device: str | torch.device = "cpu",
              progress: bool = True) -> QuantizedMambaLM:
@@ -86,17 +103,16 @@ def quantize(model: str | Path | MambaLM, recipe: str = "quamba1", *, tokenizer:
     cfg = fp.config
     check_arch(r, cfg.arch)
     source_sha = state_dict_sha256(fp)
-    apply_transforms(fp, r.transforms)
     plan = build_plan(cfg, r, quantize_embedding, quantize_lm_head)
     names = scale_names(plan)
     calibration: dict[str, Any] = {}
     entries: dict[str, ScaleEntry] = {}
+    if r.activations == "static" and stats is None:
+        stats = calibrate_for_recipe(fp, r, tokenizer=tok, data=data, n=n, seqlen=seqlen, seed=seed,
+                                     device=device, progress=progress)
+    apply_transforms(fp, r.transforms)
     if r.activations == "static":
-        if stats is None:
-            stats = calibrate(fp, tok, data=data, n=n, seqlen=seqlen, seed=seed, rules=list(r.rules),
-                              device=device, progress=progress)
-            stats.provenance.update(model_sha256=source_sha, transforms=list(r.transforms))
-        elif not isinstance(stats, CalibrationStats):
+        if not isinstance(stats, CalibrationStats):
             stats = CalibrationStats.load(stats)
         _check_stats(stats, r, source_sha, names)
         entries = _scale_entries(stats, r, cfg.arch, names)
