@@ -97,7 +97,7 @@ def test_one_scale_edit_reaches_every_consumer(fp_dir):
 def test_stats_from_the_cli_path_and_their_checks(tmp_path, fp_dir):
     stats = calibrate_for_recipe(fp_dir, "quamba1", **CAL)
     qm = quantize(fp_dir, "quamba1", stats=stats)
-    assert qm.quant_config["calibration"]["model_sha256"] == qm.quant_config["source_model"]["sha256"]
+    assert qm.quant_config["calibration"]["model"]["sha256"] == qm.quant_config["source_model"]["sha256"]
     with pytest.raises(SsmqError, match="transforms"):
         quantize(fp_dir, "minmax-static", stats=stats)
     other = neox_model(tmp_path, name="other", seed=9)

@@ -7,6 +7,11 @@ import sys
 
 import click
 
+from ssmq.cli.calibrate import calibrate_cmd
+from ssmq.cli.eval import eval_group
+from ssmq.cli.models import generate_cmd, info_cmd
+from ssmq.cli.quantize import quantize_cmd
+from ssmq.cli.scales import scales_group, sweep_group
 from ssmq.errors import SsmqError
 
 
@@ -32,12 +37,16 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
+for command in (info_cmd, generate_cmd, calibrate_cmd, quantize_cmd, eval_group, scales_group, sweep_group):
+    cli.add_command(command)
+
+
 def main() -> None:
     """Console-script entry point."""
     cli()
 
 
-from ssmq.cli.models import generate_cmd, info_cmd  # noqa: E402
 
-cli.add_command(info_cmd)
-cli.add_command(generate_cmd)
+from ssmq.cli.bench import bench_cmd  # noqa: E402
+
+cli.add_command(bench_cmd)

@@ -20,7 +20,7 @@ from tokenizers import Tokenizer
 import ssmq
 from ssmq.api import load
 from ssmq.errors import SsmqError
-from ssmq.models.checkpoint import state_dict_sha256
+from ssmq.models.checkpoint import check_output_dir, state_dict_sha256
 from ssmq.models.lm import MambaLM
 from ssmq.quant.calibrate import calibrate
 from ssmq.quant.plan import build_plan, convert, scale_names
@@ -28,7 +28,7 @@ from ssmq.quant.qmodel import QuantizedMambaLM
 from ssmq.quant.recipes import Recipe, check_arch, get_recipe
 from ssmq.quant.rules import RuleSet
 from ssmq.quant.scalebook import ScaleBook, ScaleEntry
-from ssmq.quant.stats import CalibrationStats
+from ssmq.quant.stats import CalibrationStats, check_stats_source, scale_from_stats
 from ssmq.quant.transforms import apply_transforms
 
 log = logging.getLogger(__name__)
@@ -48,43 +48,33 @@ def _fp_copy(model: str | Path | MambaLM, tokenizer: str | Path | Tokenizer | No
     return lm.float(), tokenizer if isinstance(tokenizer, Tokenizer) else tok, str(model)
 
 
-def _check_stats(stats: CalibrationStats, recipe: Recipe, source_sha: str, names: list[str]) -> None:
-    prov = stats.provenance
-    if prov.get("model_sha256") != source_sha:
-        raise SsmqError(f"statistics were collected on another model (model sha256 {prov.get('model_sha256')}, "
-                        f"this model {source_sha}); calibrate this model")
-    if tuple(prov.get("transforms", ())) != recipe.transforms:
-        raise SsmqError(f"statistics were collected with transforms {list(prov.get('transforms', []))}, recipe "
-                        f"{recipe.name!r} needs {list(recipe.transforms)}; calibrate with --recipe {recipe.name}")
-    for name in names:
-        stats.tap(name)  # raises naming the missing tap
-
-
 def _scale_entries(stats: CalibrationStats, recipe: Recipe, arch: str, names: list[str]) -> dict[str, ScaleEntry]:
-    assigned = RuleSet(list(recipe.rules)).assign(arch, names)
     entries = {}
-    for name, (spec, rule) in assigned.items():
-        value = stats.derive(name, spec)
-        tap = stats.tap(name)
-        entries[name] = ScaleEntry(
-            value=(value / 127).clamp(min=1e-6).float(), observer=spec.kind, params=dict(spec.params),
-            stats={"rule": str(rule), "absmax": tap.absmax, "count": tap.count,
-                   "clipped_fraction": stats.clipped_fraction(name, float((value / 127).max()))})
+    for name, (spec, rule) in RuleSet(list(recipe.rules)).assign(arch, names).items():
+        scale, summary = scale_from_stats(stats, name, rule)
+        entries[name] = ScaleEntry(value=scale, observer=spec.kind, params=dict(spec.params), stats=summary)
     return entries
 
 
 def calibrate_for_recipe(model: str | Path | MambaLM, recipe: str | Recipe, *, tokenizer: str | Path | Tokenizer | None = None,
-                         output: str | Path | None = None, overwrite: bool = False, **kwargs: Any) -> CalibrationStats:
-    """Calibration statistics of `model` as `recipe` transforms it (what `quantize --stats` needs).
-
-    kwargs go to `ssmq.quant.calibrate.calibrate` (data, n, seqlen, seed, batch_size, device, progress)."""
+                         rules: tuple[str, ...] | list[str] = (), output: str | Path | None = None,
+                         overwrite: bool = False, **kwargs: Any) -> CalibrationStats:
+    """Calibration statistics of `model` as `recipe` transforms it (what `quantize --stats` needs): the
+    recipe's fp-equivalent transforms are applied first, and recorded; the model sha256 recorded is
+    the source model's. kwargs go to `ssmq.quant.calibrate.calibrate` (data, n, seqlen, seed,
+    batch_size, device, dtype, progress)."""
     r = get_recipe(recipe) if isinstance(recipe, str) else recipe
-    fp, tok, _ = _fp_copy(model, tokenizer)
+    if rules:
+        r = r.with_options(rules=tuple(rules))
+    if output is not None:
+        check_output_dir(Path(output), overwrite)
+    fp, tok, source = _fp_copy(model, tokenizer)
     check_arch(r, fp.config.arch)
     source_sha = state_dict_sha256(fp)
     apply_transforms(fp, r.transforms)
     stats = calibrate(fp, tok, rules=list(r.rules), **kwargs)
-    stats.provenance.update(model_sha256=source_sha, transforms=list(r.transforms), recipe=r.name)
+    stats.provenance["model"].update(name=source, sha256=source_sha)
+    stats.provenance.update(transforms=list(r.transforms), recipe=r.name)
     if output is not None:
         stats.save(output, overwrite=overwrite)
     return stats
@@ -114,7 +104,9 @@ def quantize(model: str | Path | MambaLM, recipe: str = "quamba1", *, tokenizer:
     if r.activations == "static":
         if not isinstance(stats, CalibrationStats):
             stats = CalibrationStats.load(stats)
-        _check_stats(stats, r, source_sha, names)
+        check_stats_source(stats, source_sha, r.transforms, f"{source} under recipe {r.name!r}")
+        for name in names:
+            stats.tap(name)  # raises, naming a tap the statistics lack
         entries = _scale_entries(stats, r, cfg.arch, names)
         calibration = stats.provenance
     book = ScaleBook(entries)
