@@ -50,11 +50,11 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         sl = slice(start, min(start + SCAN_BLOCK, length))
         dA = torch.exp(dt[:, sl, :, None] * A)
         dBu = (dt[:, sl] * uf[:, sl]).unsqueeze(-1) * B[:, sl, None, :].float()
-        states = torch.empty_like(dA)
+        states = []
         for t in range(dA.shape[1]):
             h = torch.addcmul(dBu[:, t], dA[:, t], h)
-            states[:, t] = h
-        ys.append(torch.einsum("bldn,bln->bld", states, C[:, sl].float()))
+            states.append(h)
+        ys.append(torch.einsum("bldn,bln->bld", torch.stack(states, dim=1), C[:, sl].float()))
     y = torch.cat(ys, dim=1) if ys else uf.new_zeros(batch, 0, channels)
     if D is not None:
         y = y + uf * D.float()
