@@ -84,10 +84,11 @@ def quantize(model: str | Path | MambaLM, recipe: str = "quamba1", *, tokenizer:
              stats: str | Path | CalibrationStats | None = None, data: str | Path | None = None,
              n: int | None = None, seqlen: int = 512, seed: int = 0, alpha: float | None = None,
              rules: tuple[str, ...] | list[str] = (), quantize_embedding: bool = False,
-             quantize_lm_head: bool = False, device: str | torch.device = "cpu",
+             quantize_lm_head: bool = False, device: str | torch.device = "cpu", batch_size: int = 1,
              progress: bool = True) -> QuantizedMambaLM:
     """Quantize an fp Mamba model with a recipe. Without `stats`, calibrates on `data` (default: the
-    Pile validation documents 0-255) first. Returns the quantized model (save it with `save_quantized`)."""
+    Pile validation documents 0-255) first, `batch_size` documents per forward (1 is Quamba's setting).
+    Returns the quantized model (save it with `save_quantized`)."""
     r = get_recipe(recipe).with_options(alpha, tuple(rules))
     fp, tok, source = _fp_copy(model, tokenizer)
     cfg = fp.config
@@ -99,7 +100,7 @@ def quantize(model: str | Path | MambaLM, recipe: str = "quamba1", *, tokenizer:
     entries: dict[str, ScaleEntry] = {}
     if r.activations == "static" and stats is None:
         stats = calibrate_for_recipe(fp, r, tokenizer=tok, data=data, n=n, seqlen=seqlen, seed=seed,
-                                     device=device, progress=progress)
+                                     device=device, batch_size=batch_size, progress=progress)
     apply_transforms(fp, r.transforms)
     if r.activations == "static":
         if not isinstance(stats, CalibrationStats):
