@@ -7,6 +7,7 @@ import sys
 
 import click
 
+from ssmq.cli.bench import bench_cmd
 from ssmq.cli.calibrate import calibrate_cmd
 from ssmq.cli.eval import eval_group
 from ssmq.cli.models import generate_cmd, info_cmd
@@ -37,16 +38,10 @@ def cli(verbose: bool) -> None:
     logging.basicConfig(level=logging.INFO if verbose else logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
 
 
-for command in (info_cmd, generate_cmd, calibrate_cmd, quantize_cmd, eval_group, scales_group, sweep_group):
+for command in (info_cmd, generate_cmd, calibrate_cmd, quantize_cmd, eval_group, scales_group, sweep_group, bench_cmd):
     cli.add_command(command)
 
 
 def main() -> None:
     """Console-script entry point."""
     cli()
-
-
-
-from ssmq.cli.bench import bench_cmd  # noqa: E402
-
-cli.add_command(bench_cmd)

@@ -1,0 +1,79 @@
+"""Helpers shared by the Triton kernels: the int8 rounding rule, activations, launch arithmetic.
+
+`quantize_rn` restates ssmq.ops.quantize's rule in Triton: a correctly rounded division
+(`tl.div_rn`, not a multiply by the reciprocal), NaN -> 0, saturation to [-128, 127], then round half
+to even. Rounding uses the fp32 magic-number identity rint(v) = (v + 1.5 * 2^23) - 1.5 * 2^23, exact
+for |v| < 2^22 (v is clamped first, which commutes with rounding here); unlike libdevice's rint it
+also runs under the Triton interpreter.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+_ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
+
+
+@triton.jit
+def quantize_rn(x, scale):
+    """int8 codes clamp(round_half_even(x / scale), -128, 127) of fp32 x (NaN -> 0, +-inf saturate)."""
+    v = tl.div_rn(x, scale)
+    v = tl.where(v == v, v, 0.0)
+    v = tl.minimum(tl.maximum(v, -128.0), 127.0)
+    v = (v + _ROUND_MAGIC) - _ROUND_MAGIC
+    return v.to(tl.int8)
+
+
+@triton.jit
+def silu(x):
+    """x * sigmoid(x) in fp32, written as torch computes it: x / (1 + exp(-x))."""
+    return x / (1.0 + tl.exp(-x))
+
+
+@triton.jit
+def softplus(x):
+    """torch's softplus (threshold 20): x above 20, else log(1 + exp(x))."""
+    return tl.where(x > 20.0, x, tl.log(1.0 + tl.exp(tl.minimum(x, 20.0))))
+
+
+def next_pow2(n: int) -> int:
+    """The smallest power of two >= n (1 for n <= 1)."""
+    return 1 << max(int(n) - 1, 0).bit_length()
+
+
+def flat_scale(scale: torch.Tensor | float, device: torch.device) -> torch.Tensor:
+    """A scale as a contiguous 1-D fp32 tensor on `device` (one entry, or one per channel). Kernels read
+    scales through pointers, so a captured CUDA graph sees later in-place edits. Validity is the
+    caller's business (ssmq.ops.dispatch checks every scale)."""
+    return torch.as_tensor(scale, dtype=torch.float32, device=device).reshape(-1).contiguous()
+
+
+PER_TENSOR, PER_CHANNEL, PER_ROW = 0, 1, 2
+
+
+def scale_mode(scale: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> int | None:
+    """How a scale broadcasts against a tensor of `shape` (..., C): PER_TENSOR (one entry), PER_CHANNEL
+    (C entries over the last dim), PER_ROW ((..., 1), one per row), or None for layouts the kernels
+    don't take (the caller falls back to the reference op)."""
+    channels = shape[-1] if len(shape) else 1
+    if scale.numel() == 1:
+        return PER_TENSOR
+    if scale.numel() == channels and scale.shape[-1] == channels and scale.dim() <= len(shape):
+        return PER_CHANNEL
+    if (scale.dim() == len(shape) and scale.shape[-1] == 1
+            and tuple(scale.shape[:-1]) == tuple(shape[:-1])):
+        return PER_ROW
+    return None
+
+
+@triton.jit
+def load_scale(s_ptr, MODE: tl.constexpr, row, col, mask):
+    """The scale for elements at (row, col) (broadcast tensors of indices), per MODE of scale_mode."""
+    if MODE == 0:
+        return tl.load(s_ptr)
+    elif MODE == 1:
+        return tl.load(s_ptr + (col + row * 0), mask=mask, other=1.0)
+    else:
+        return tl.load(s_ptr + (row + col * 0), mask=mask, other=1.0)

@@ -1,0 +1,100 @@
+"""Residual add + RMSNorm (+ int8 quantization) kernels: ssmq.ops.norm.rms_norm and
+ssmq.ops.int8_norm.int8_add_rms_norm, one program per row, the row held in registers.
+
+    r      = fp32(residual) + fp32(hidden)        (fp32(hidden) without a residual)
+    stored = r, or r rounded to hidden's dtype     -> written back as the new residual
+    normed = stored * rsqrt(mean(stored^2) + eps)
+    out    = quantize(fp32(w) * normed, out_scale)                    (int8 output)
+          or  w * normed.to(w.dtype), in w's dtype                     (float output, as rms_norm)
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ssmq.ops.triton.common import PER_TENSOR, flat_scale, load_scale, next_pow2, quantize_rn, scale_mode
+
+
+@triton.jit
+def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, out_ptr, res_ptr, os_ptr, D, stride_h, stride_r, eps,
+                         HAS_RES: tl.constexpr, STORE_RES: tl.constexpr, ROUND_RES: tl.constexpr,
+                         OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, BLOCK: tl.constexpr):
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.arange(0, BLOCK)
+    mask = cols < D
+    x = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0)
+    if ROUND_RES:  # the residual is kept in hidden's dtype: round the sum to it before the norm reads it
+        if HAS_RES:
+            r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
+            x = (r + x.to(tl.float32)).to(h_ptr.dtype.element_ty)
+        s = x.to(tl.float32)
+    else:
+        s = x.to(tl.float32)
+        if HAS_RES:
+            s = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32) + s
+    if STORE_RES:
+        tl.store(res_ptr + row * D + cols, s.to(res_ptr.dtype.element_ty), mask=mask)
+    rstd = tl.rsqrt(tl.sum(s * s, axis=0) / D + eps)
+    normed = s * rstd
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    if OUT_INT8:
+        v = w.to(tl.float32) * normed
+        tl.store(out_ptr + row * D + cols, quantize_rn(v, load_scale(os_ptr, OS_MODE, row, cols, mask)), mask=mask)
+    else:
+        v = w.to(tl.float32) * normed.to(w_ptr.dtype.element_ty).to(tl.float32)
+        tl.store(out_ptr + row * D + cols, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def _rows(t: torch.Tensor, d: int) -> torch.Tensor:
+    t2 = t.reshape(-1, d)
+    return t2 if t2.stride(-1) == 1 else t2.contiguous()
+
+
+def _launch(hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+            out: torch.Tensor, res_out: torch.Tensor | None, round_res: bool,
+            out_scale: torch.Tensor | None, os_mode: int) -> None:
+    d = hidden.shape[-1]
+    h2 = _rows(hidden, d)
+    r2 = _rows(residual, d) if residual is not None else h2
+    rows = h2.shape[0]
+    if rows == 0:
+        return
+    block = next_pow2(d)
+    os_ = flat_scale(out_scale, hidden.device) if out_scale is not None else weight
+    _add_rms_norm_kernel[(rows,)](
+        h2, r2, weight.contiguous(), out, res_out if res_out is not None else out, os_, d, h2.stride(0),
+        r2.stride(0), eps, HAS_RES=residual is not None, STORE_RES=res_out is not None, ROUND_RES=round_res,
+        OUT_INT8=out_scale is not None, OS_MODE=os_mode, BLOCK=block,
+        num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16, enable_fp_fusion=False)
+
+
+def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
+    """weight * rms-normalised x (fp32 math), in weight's dtype, like ssmq.ops.norm.rms_norm."""
+    out = torch.empty(x.shape, dtype=weight.dtype, device=x.device)
+    _launch(x, None, weight, eps, out, None, False, None, PER_TENSOR)
+    return out
+
+
+def add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                 residual_in_fp32: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """(rms_norm(stored, weight, eps), stored) with stored = residual + hidden, kept in fp32 or hidden's dtype."""
+    out = torch.empty(hidden.shape, dtype=weight.dtype, device=hidden.device)
+    res = torch.empty(hidden.shape, dtype=torch.float32 if residual_in_fp32 else hidden.dtype, device=hidden.device)
+    _launch(hidden, residual, weight, eps, out, res, not residual_in_fp32, None, PER_TENSOR)
+    return out, res
+
+
+def int8_add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,
+                      out_scale: torch.Tensor, residual_in_fp32: bool = True
+                      ) -> tuple[torch.Tensor, torch.Tensor] | None:
+    """(int8 normed codes, new residual) like ssmq.ops.int8_norm.int8_add_rms_norm; None when the out
+    scale's layout is one the kernel does not take."""
+    mode = scale_mode(out_scale, hidden.shape)
+    if mode is None:
+        return None
+    out = torch.empty(hidden.shape, dtype=torch.int8, device=hidden.device)
+    res = torch.empty(hidden.shape, dtype=torch.float32 if residual_in_fp32 else hidden.dtype, device=hidden.device)
+    _launch(hidden, residual, weight, eps, out, res, not residual_in_fp32, out_scale, mode)
+    return out, res

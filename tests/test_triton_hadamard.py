@@ -1,0 +1,46 @@
+"""Hadamard rotation kernel (alone and fused with quantization) against the reference, on the CPU
+through Triton's interpreter."""
+
+import pytest
+
+from ssmq.ops.triton import HAS_TRITON
+
+if not HAS_TRITON:
+    pytest.skip("Triton is not installed: the kernel interpreter tests need it (pip install triton)",
+                allow_module_level=True)
+
+from ssmq.ops.triton.interpreter import use_interpreter  # noqa: E402
+
+use_interpreter()
+
+import torch  # noqa: E402
+
+from ssmq.ops.hadamard import hadamard_transform  # noqa: E402
+from ssmq.ops.quantize import quantize  # noqa: E402
+from ssmq.ops.triton import hadamard as th  # noqa: E402
+from ssmq.ops.triton.conformance import agreement  # noqa: E402
+
+
+def test_factorisation_keeps_tiles_small():
+    assert th.factors(5120) == (128, 40)
+    assert th.factors(1536) == (64, 24)
+    assert th.factors(4096) == (128, 32)
+    assert th.factors(96) is None  # P would be below the 16 rows of a tensor-core tile
+    assert th.factors(100) is None  # not a Hadamard size
+
+
+@pytest.mark.parametrize("n", [256, 192, 640, 768])  # 2^k, 12 * 2^k, 40 * 2^k; 768 splits rows in 2
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float16])
+def test_hadamard_and_quantize(n, dtype):
+    x = torch.randn(3, n, generator=torch.Generator().manual_seed(n)).to(dtype)  # decode: rows split
+    ref = hadamard_transform(x.float())
+    out = th.hadamard(x)
+    assert out.dtype == torch.float32 and agreement(out, ref).rel_error < 1e-6
+    scale = ref.abs().amax() / 127
+    assert agreement(th.hadamard(x, scale), quantize(ref, scale)).ok
+
+
+def test_hadamard_many_rows():
+    """Past SPLIT_ROWS rows (prefill) each program takes a whole row."""
+    x = torch.randn(th.SPLIT_ROWS + 2, 768, generator=torch.Generator().manual_seed(7)).half()
+    assert agreement(th.hadamard(x), hadamard_transform(x.float())).rel_error < 1e-6
