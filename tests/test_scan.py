@@ -63,6 +63,15 @@ def test_ssd_scan_matches_recurrence_for_any_chunk(chunk):
     assert np.abs(s.numpy() - state).max() < 1e-4 * np.abs(state).max()
 
 
+def test_empty_sequence_passes_the_state_through():
+    g = torch.Generator().manual_seed(2)
+    heads, p, groups, n = 4, 3, 2, 5
+    s0 = torch.randn(2, heads, p, n, generator=g)
+    y, s = ssd_scan(torch.randn(2, 0, heads, p), torch.randn(2, 0, heads), -torch.rand(heads),
+                    torch.randn(2, 0, groups, n), torch.randn(2, 0, groups, n), 8, state=s0)
+    assert y.shape == (2, 0, heads, p) and torch.equal(s, s0)
+
+
 def test_causal_conv1d_state_continuation_and_causality():
     g = torch.Generator().manual_seed(2)
     x = torch.randn(2, 10, 6, generator=g)

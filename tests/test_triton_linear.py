@@ -51,6 +51,30 @@ def test_int8_linear_takes_strided_rows():
     assert torch.equal(out, ref.int8_linear(x, 0.01, w, 0.02, out_scale=0.3))
 
 
+@pytest.mark.parametrize("rows,n,k,block_k", [(1, 24, 40, 16), (3, 9, 64, 32), (2, 17, 160, 512)])
+def test_dp4a_gemv_is_exact(rows, n, k, block_k, monkeypatch):
+    """The GEMV reading codes as int32 words (dp4a): exact on saturated codes, strided rows (dt_proj reads
+    x_proj's output), several K blocks and a K tail; a tuned configuration applies to its (N, K)."""
+    x = codes(rows, k + 12, seed=4)[:, :k]
+    x[0, :4] = -128
+    w = codes(n, k, seed=5)
+    w[0, :4] = -128
+    ws = torch.rand(n, generator=torch.Generator().manual_seed(6)) * 0.02 + 1e-3
+    cfg = {"BLOCK_N": 4, "BLOCK_K": block_k, "num_warps": 4, "DP4A": 1}
+    out = linear.int8_linear(x, torch.tensor(0.01), w, ws, None, torch.float32, config=cfg)
+    assert torch.equal(out, ref.int8_linear(x, 0.01, w, ws, None, torch.float32))
+    monkeypatch.setitem(linear.GEMV_TUNED, (n, k), cfg)
+    out = linear.int8_linear(x, torch.tensor(0.01), w, ws, out_scale=torch.tensor(0.2))
+    assert torch.equal(out, ref.int8_linear(x, 0.01, w, ws, out_scale=0.2))
+
+
+def test_dp4a_falls_back_when_codes_are_not_words():
+    """K not a multiple of 4: the plain GEMV runs instead (same results)."""
+    x, w = codes(1, 30, seed=7), codes(5, 30, seed=8)
+    out = linear.int8_linear(x, torch.tensor(0.01), w, torch.tensor(0.02), config={"DP4A": 1})
+    assert torch.equal(out, ref.int8_linear(x, 0.01, w, 0.02))
+
+
 def test_int8_linear_refuses_unknown_scale_layout():
     assert linear.int8_linear(codes(2, 8), torch.rand(8) + 0.1, codes(4, 8), torch.tensor(0.1)) is None
 

@@ -7,8 +7,9 @@ the reference, never to an error. Three fused ops have no single reference funct
 here by its reference composition (`causal_conv1d_silu`, `add_rms_norm`, `hadamard_quantize`).
 
 Decode caches: an op that updates a state (`causal_conv1d`, `int8_causal_conv1d[_silu]`,
-`selective_scan`, `int8_selective_scan`) writes the new state over the old one in place, and returns
-that same tensor, when the old one was marked with `mark_static_state` and the call is one token long.
+`selective_scan`, `int8_selective_scan`, `ssd_scan`, `int8_ssd_scan`) writes the new state over the old
+one in place, and returns that same tensor, when the old one was marked with `mark_static_state` and the
+call is one token long.
 A static cache (ssmq.bench.graphs) marks its tensors so that CUDA-graph replays read and write fixed
 addresses; no other caller sees a difference.
 
@@ -20,14 +21,17 @@ capture validates them).
 
 from __future__ import annotations
 
+import math
 import types
 import weakref
+from collections.abc import Callable
 
 import torch
 import torch.nn.functional as F
 
 from ssmq.ops import conv as _conv
 from ssmq.ops import hadamard as _hadamard
+from ssmq.ops import int4_linear as _int4_linear
 from ssmq.ops import int8_conv as _int8_conv
 from ssmq.ops import int8_embedding as _int8_embedding
 from ssmq.ops import int8_linear as _int8_linear
@@ -36,6 +40,7 @@ from ssmq.ops import int8_scan as _int8_scan
 from ssmq.ops import norm as _norm
 from ssmq.ops import quantize as _quantize
 from ssmq.ops import scan as _scan
+from ssmq.ops.int4 import check_group_scale
 from ssmq.ops.quantize import ScaleLike, check_int8, check_scale
 from ssmq.ops.triton import HAS_TRITON
 
@@ -43,15 +48,13 @@ __all__ = [
     "add_rms_norm", "causal_conv1d", "causal_conv1d_silu", "dequantize", "gated_rms_norm", "hadamard_quantize",
     "hadamard_transform", "int8_add_rms_norm", "int8_causal_conv1d", "int8_causal_conv1d_silu", "int8_embedding",
     "int8_lm_head", "int8_linear", "int8_selective_scan", "int8_ssd_scan", "mark_static_state", "quantize",
-    "rms_norm", "selective_scan", "ssd_scan", "uses_kernels", "weight_only_linear",
+    "rms_norm", "selective_scan", "ssd_scan", "uses_kernels", "w4a16_linear", "w4a8_linear", "weight_only_linear",
 ]
 
-# reference ops with no kernel yet (Mamba2, W8A16): the dispatch is the identity
+# reference ops with no kernel yet (gated norm, W8A16): the dispatch is the identity
 dequantize = _quantize.dequantize
 gated_rms_norm = _norm.gated_rms_norm
 int8_lm_head = _int8_embedding.int8_lm_head
-int8_ssd_scan = _int8_scan.int8_ssd_scan
-ssd_scan = _scan.ssd_scan
 weight_only_linear = _int8_linear.weight_only_linear
 
 _FLOATS = (torch.float16, torch.float32)
@@ -64,10 +67,10 @@ def _k() -> types.SimpleNamespace:
     """The kernel modules, imported on first use (so that CPU-only runs never compile anything)."""
     global _kernels
     if _kernels is None:
-        from ssmq.ops.triton import conv, hadamard, linear, norm, quant, scan
+        from ssmq.ops.triton import conv, hadamard, linear, norm, quant, scan, ssd, w4
 
         _kernels = types.SimpleNamespace(conv=conv, hadamard=hadamard, linear=linear, norm=norm, quant=quant,
-                                         scan=scan)
+                                         scan=scan, ssd=ssd, w4=w4)
     return _kernels
 
 
@@ -93,15 +96,21 @@ def _scale(scale: ScaleLike | None, name: str, device: torch.device) -> torch.Te
     `weight_scale[0]`, is not checked again) until that base is modified in place or freed."""
     if not (isinstance(scale, torch.Tensor) and scale.dtype == torch.float32 and scale.device == device):
         return check_scale(scale, name).to(device)
-    if scale.is_cuda and torch.cuda.is_current_stream_capturing():
-        return scale
-    base = scale if scale._base is None else scale._base
-    key = (id(base), scale.storage_offset(), tuple(scale.shape), tuple(scale.stride()))
+    _check_once(scale, name, check_scale)
+    return scale
+
+
+def _check_once(t: torch.Tensor, name: str, check: Callable[[torch.Tensor, str], object]) -> None:
+    """`check(t, name)`, skipped when it passed on this view of t's base tensor at its current in-place
+    version, and while a CUDA graph is being captured (see the module docstring)."""
+    if t.is_cuda and torch.cuda.is_current_stream_capturing():
+        return
+    base = t if t._base is None else t._base
+    key = (check, id(base), t.storage_offset(), tuple(t.shape), tuple(t.stride()))
     seen = _validated.get(key)
     if seen is None or seen[0]() is not base or seen[1] != base._version:
-        check_scale(scale, name)
+        check(t, name)
         _validated[key] = (weakref.ref(base, lambda _, key=key: _validated.pop(key, None)), base._version)
-    return scale
 
 
 def int8_embedding(ids: torch.Tensor, codes: torch.Tensor, row_scales: torch.Tensor,
@@ -287,3 +296,70 @@ def int8_selective_scan(u_q: torch.Tensor, u_scale: ScaleLike, delta_q: torch.Te
     return _int8_scan.int8_selective_scan(u_q, u_scale, delta_q, delta_scale, A, B_q, B_scale, C_q, C_scale,
                                           state_scale, D=D, z_q=z_q, z_scale=z_scale, delta_bias=delta_bias,
                                           delta_softplus=delta_softplus, state_q=state_q, out_dtype=out_dtype)
+
+
+def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
+             D: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None, dt_softplus: bool = True,
+             dt_limit: tuple[float, float] = (0.0, math.inf),
+             state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """ssmq.ops.scan.ssd_scan (the kernel's chunk length is its own: it changes only the summation order)."""
+    tensors = (x, dt, A, B, C, D, dt_bias, state)
+    if uses_kernels(*tensors) and all(t is None or t.dtype in _FLOATS for t in tensors):
+        out = _k().ssd.ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, state, torch.float32,
+                                inplace=_inplace(state))
+        if out is not None:
+            return out
+    return _scan.ssd_scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, state)
+
+
+def int8_ssd_scan(x_q: torch.Tensor, x_scale: ScaleLike, dt: torch.Tensor, A: torch.Tensor, B_q: torch.Tensor,
+                  B_scale: ScaleLike, C_q: torch.Tensor, C_scale: ScaleLike, state_scale: ScaleLike,
+                  chunk_size: int, *, dt_scale: ScaleLike | None = None, D: torch.Tensor | None = None,
+                  dt_bias: torch.Tensor | None = None, dt_softplus: bool = True,
+                  dt_limit: tuple[float, float] = (0.0, math.inf), state_q: torch.Tensor | None = None,
+                  out_dtype: torch.dtype = torch.float16) -> tuple[torch.Tensor, torch.Tensor]:
+    """ssmq.ops.int8_scan.int8_ssd_scan."""
+    codes = {"x": (x_q, x_scale), "B": (B_q, B_scale), "C": (C_q, C_scale), "state": (state_q, state_scale)}
+    if dt_scale is not None:
+        codes["dt"] = (dt, dt_scale)
+    if (uses_kernels(x_q, dt, A, B_q, C_q, D, dt_bias, state_q) and out_dtype in _FLOATS
+            and (dt_scale is not None or dt.dtype in _FLOATS)):
+        dev = x_q.device
+        scales = {name: _scale(s, f"{name}_scale", dev) for name, (_, s) in codes.items()}
+        for name, (q, _) in codes.items():
+            if q is not None:
+                check_int8(q, f"{name} codes")
+        out = _k().ssd.ssd_scan(x_q, dt, A, B_q, C_q, D, dt_bias, dt_softplus, dt_limit, state_q, out_dtype,
+                                scales=scales, inplace=_inplace(state_q))
+        if out is not None:
+            return out
+    return _int8_scan.int8_ssd_scan(x_q, x_scale, dt, A, B_q, B_scale, C_q, C_scale, state_scale, chunk_size,
+                                    dt_scale=dt_scale, D=D, dt_bias=dt_bias, dt_softplus=dt_softplus,
+                                    dt_limit=dt_limit, state_q=state_q, out_dtype=out_dtype)
+
+
+def w4a16_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 out_dtype: torch.dtype | None = None) -> torch.Tensor:
+    """ssmq.ops.int4_linear.w4a16_linear."""
+    if uses_kernels(x, w_packed) and x.dtype in _FLOATS:
+        out = _k().w4.w4a16_linear(x, w_packed, _scale(w_scale, "w_scale", x.device), bias, out_dtype)
+        if out is not None:
+            return out
+    return _int4_linear.w4a16_linear(x, w_packed, w_scale, bias, out_dtype)
+
+
+def w4a8_linear(x_q: torch.Tensor, x_scale: ScaleLike, w_packed: torch.Tensor, w_scale: ScaleLike,
+                group_scale: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
+                out_scale: ScaleLike | None = None) -> torch.Tensor:
+    """ssmq.ops.int4_linear.w4a8_linear (the integer group scales are checked once per version, as scales)."""
+    if (uses_kernels(x_q, w_packed, group_scale) and (out_scale is not None or out_dtype in _FLOATS)
+            and x_q.shape[-1] <= _int4_linear.MAX_K_W4A8):
+        check_int8(x_q, "x_q")
+        _check_once(group_scale, "group_scale", check_group_scale)
+        dev = x_q.device
+        out = _k().w4.w4a8_linear(x_q, _scale(x_scale, "x_scale", dev), w_packed, _scale(w_scale, "w_scale", dev),
+                                  group_scale, bias, out_dtype,
+                                  None if out_scale is None else _scale(out_scale, "out_scale", dev))
+        if out is not None:
+            return out
+    return _int4_linear.w4a8_linear(x_q, x_scale, w_packed, w_scale, group_scale, bias, out_dtype, out_scale)

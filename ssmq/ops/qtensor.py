@@ -38,3 +38,37 @@ class QTensor:
         else:
             scales = (self.scale,) * len(parts)
         return tuple(QTensor(c, s) for c, s in zip(parts, scales))
+
+    def reshape(self, *shape: int) -> QTensor:
+        """Reshape that splits or keeps the last dimension (e.g. (b, l, heads*headdim) -> (b, l, heads,
+        headdim)); the scale follows: a per-channel vector is viewed with the new trailing dimensions, a
+        per-row (..., 1) scale gains size-1 dimensions, a per-tensor scale is unchanged."""
+        codes = self.codes.reshape(*shape)
+        scale = self.scale
+        if scale.dim() == 0 or scale.numel() == 1:
+            return QTensor(codes, scale)
+        width, tail, trailing = self.codes.shape[-1], 1, 0
+        while tail < width and trailing < codes.dim():
+            trailing += 1
+            tail *= codes.shape[-trailing]
+        if tail != width or codes.shape[:codes.dim() - trailing] != self.codes.shape[:-1]:
+            raise ValueError(f"QTensor.reshape {tuple(self.codes.shape)} -> {tuple(codes.shape)} must split the "
+                             "last dimension only")
+        if scale.shape[-1] == width and width > 1:
+            return QTensor(codes, scale.reshape(*scale.shape[:-1], *codes.shape[codes.dim() - trailing:]))
+        return QTensor(codes, scale.reshape(*scale.shape, *(1,) * (trailing - 1)))
+
+
+def cat_channels(parts: Sequence[torch.Tensor | QTensor]) -> torch.Tensor | QTensor:
+    """Concatenate along the last dimension: tensors as torch.cat does; QTensors (all or none) into one
+    QTensor whose scale is per channel (each part's scale broadcast over its own channels)."""
+    if not any(isinstance(p, QTensor) for p in parts):
+        return torch.cat(list(parts), dim=-1)
+    if not all(isinstance(p, QTensor) for p in parts):
+        raise TypeError("cat_channels: mix of QTensor and float parts")
+    scales = [p.scale.expand(*p.scale.shape[:-1], p.codes.shape[-1]) if p.scale.dim()
+              else p.scale.expand(p.codes.shape[-1]) for p in parts]
+    if len({tuple(s.shape[:-1]) for s in scales}) > 1:
+        raise ValueError("cat_channels: the parts' scales do not line up (per-tensor or per-channel scales "
+                         "with per-row ones)")
+    return QTensor(torch.cat([p.codes for p in parts], dim=-1), torch.cat(list(scales), dim=-1))

@@ -103,6 +103,8 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     to_end = torch.exp(cum[:, :, -1:, :] - cum)              # decay from each step to its chunk's end
     chunk_states = torch.einsum("bcsh,bcshp,bcshn->bchpn", to_end, xdt, Bc)
     h = x.new_zeros(batch, heads, headdim, d_state, dtype=torch.float32) if state is None else state.float()
+    if length == 0:  # nothing to scan: no outputs, the state passes through
+        return xf.new_zeros(batch, 0, heads, headdim), h
     starts = []
     for c in range(cum.shape[1]):
         starts.append(h)

@@ -13,6 +13,8 @@ outputs are bit-identical.
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -92,6 +94,50 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, K, 
               XS_MODE, WS_MODE, HAS_BIAS, OUT_INT8, OS_MODE)
 
 
+if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter runs no inline PTX: the same sum, by shifts
+    @triton.jit
+    def _dp4a(a, b, acc):
+        """acc + the dot product of the four int8 lanes of a and b (int32 words)."""
+        for i in tl.static_range(4):
+            acc += ((a << (24 - 8 * i)) >> 24) * ((b << (24 - 8 * i)) >> 24)
+        return acc
+else:
+    @triton.jit
+    def _dp4a(a, b, acc):
+        """acc + the dot product of the four int8 lanes of a and b (int32 words): one dp4a instruction."""
+        return tl.inline_asm_elementwise("dp4a.s32.s32 $0, $1, $2, $3;", "=r,r,r,r", [a, b, acc], dtype=tl.int32,
+                                         is_pure=True, pack=1)
+
+
+@triton.jit
+def _gemv_dp4a_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, K, stride_xm, stride_wn,
+                      stride_om, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                      OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+    """The GEMV with codes read as int32 words of four and multiplied-accumulated by dp4a (exact, like the
+    int32 sums of _gemv_kernel, in a quarter of the instructions). K and the row strides are multiples of
+    4 and the pointers 4-byte aligned (the launcher checks); BLOCK_K counts words."""
+    m = tl.program_id(1)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    rk = tl.arange(0, BLOCK_K)
+    k4 = K // 4
+    w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + (rn % N).to(tl.int64)[:, None] * (stride_wn // 4)
+    x_row = x_ptr.to(tl.pointer_type(tl.int32)) + m.to(tl.int64) * (stride_xm // 4)
+    acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
+    for k0 in range(0, k4, BLOCK_K):
+        kk = k0 + rk
+        kmask = kk < k4
+        x = tl.load(x_row + kk, mask=kmask, other=0)
+        w = tl.load(w_rows + kk[None, :], mask=kmask[None, :], other=0)
+        acc = _dp4a(w, tl.broadcast_to(x[None, :], (BLOCK_N, BLOCK_K)), acc)
+    _epilogue(tl.sum(acc, axis=1), m, rn, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr,
+              XS_MODE, WS_MODE, HAS_BIAS, OUT_INT8, OS_MODE)
+
+
+GEMV_TUNED: dict[tuple[int, int], dict[str, int]] = {}
+"""GEMV configurations by (N, K) that replace _gemv_config's choice: filled by a tuning run on the GPU
+(benchmarks/gpu_check.py, stage `tune`), for the process that ran it. DP4A=1 selects the dp4a kernel."""
+
+
 def _gemm_config(m: int, n: int, k: int) -> dict[str, int]:
     """Tile shapes by problem size: thin tiles for decode-sized M, int8 tensor-core tiles otherwise (the
     sizes that timed best on an H100 for the mamba-2.8b projections, benchmarks/gpu_check.py)."""
@@ -119,12 +165,19 @@ def _gemv_config(n: int, k: int) -> dict[str, int]:
     return dict(BLOCK_N=bn, BLOCK_K=max(32, min(1024, next_pow2(k), 4096 // bn)), num_warps=4)
 
 
+def _words_aligned(x2: torch.Tensor, w: torch.Tensor) -> bool:
+    """Whether the codes of x2 and w can be read as int32 words (what the dp4a GEMV needs)."""
+    k = x2.shape[1]
+    return (k % 4 == 0 and x2.stride(0) % 4 == 0 and w.stride(0) % 4 == 0 and x2.data_ptr() % 4 == 0
+            and w.data_ptr() % 4 == 0)
+
+
 def int8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
                 out_scale: torch.Tensor | None = None, config: dict[str, int] | None = None) -> torch.Tensor | None:
     """W8A8 linear for x_q (..., K) and w_q (N, K), both int8; float out_dtype, or int8 when out_scale is
     given. Scales are fp32 tensors (0-d or per row for x, 0-d or (N,) for w, any of those for out).
-    `config` overrides the tile choice (for tuning). Returns None when a scale layout is one the kernels
+    `config` overrides the tile choice (for tuning; DP4A=1 picks the dp4a GEMV). Returns None when a scale layout is one the kernels
     don't take."""
     *lead, k = x_q.shape
     n = w_q.shape[0]
@@ -150,8 +203,12 @@ def int8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
     flags = dict(XS_MODE=xs_mode, WS_MODE=ws_mode, HAS_BIAS=bias is not None, OUT_INT8=out_scale is not None,
                  OS_MODE=os_mode or PER_TENSOR, enable_fp_fusion=False)
     if m <= GEMV_MAX_ROWS:
-        cfg = {**_gemv_config(n, k), **(config or {})}
-        _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, **cfg)
+        cfg = {**_gemv_config(n, k), **GEMV_TUNED.get((n, k), {}), **(config or {})}
+        if cfg.pop("DP4A", 0) and _words_aligned(x2, w):
+            cfg["BLOCK_K"] = max(cfg["BLOCK_K"] // 4, 1)
+            _gemv_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, **cfg)
+        else:
+            _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, **cfg)
     else:
         cfg = {**_gemm_config(m, n, k), **(config or {})}
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)

@@ -1,0 +1,241 @@
+"""Linear kernels with packed int4 weights (ssmq.ops.int4_linear): W4A16 and W4A8, GEMM and GEMV.
+
+    W4A16: out = sum_groups (x @ code_grp^T) * scale[n, grp] + bias           fp32 accumulation
+    W4A8:  acc = sum_groups g[n, grp] * (x_q @ code_grp^T)                     int32, exact
+           v   = fp32(acc) * (x_scale * s_c) + bias, then out_dtype or quantize(v, out_scale)
+
+Each packed byte holds the codes of columns 2j (low nibble) and 2j+1 (high nibble), so a kernel never
+interleaves them: it multiplies the low nibbles by x's even columns and the high nibbles by its odd
+columns (two half-width products per group instead of one full one, the same work). The bytes are
+read as int8: `(b << 4) >> 4` and `b >> 4` (arithmetic shifts) are then the two signed codes. Codes are
+exact in fp16 and int8, so the per-group products are exact and each group's scale is applied to the
+product's fp32 sum (W4A16) or integer sum (W4A8) once.
+
+Prefill (many rows) is a tiled GEMM on the tensor cores (fp16 products with fp32 accumulation for W4A16,
+fp32 products for fp32 x, int8 products with int32 accumulation for W4A8), one weight group (128 columns)
+per K step.
+Decoding (a few rows) is a GEMV that streams several groups of several weight rows per step on the CUDA
+cores. The W4A8 epilogue is the W8A8 one (ssmq.ops.triton.linear), run without fp contraction, so int8
+outputs are bit-identical to the reference.
+"""
+
+from __future__ import annotations
+
+import torch
+import triton
+import triton.language as tl
+
+from ssmq.ops.triton.common import PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, next_pow2, scale_mode
+from ssmq.ops.triton.linear import GEMV_MAX_ROWS, _epilogue
+
+_FLOATS = (torch.float16, torch.float32)  # bf16 x takes the reference (the interpreter cannot test it)
+
+
+@triton.jit
+def _unpack(wb):
+    """The signed codes (low nibble, high nibble) of int8 bytes."""
+    return (wb << 4) >> 4, wb >> 4
+
+
+@triton.jit
+def _store(acc, rows, cols, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr, A8: tl.constexpr,
+           XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT8: tl.constexpr,
+           OS_MODE: tl.constexpr):
+    """W4A8: the W8A8 epilogue (rescale, bias, float or requantized int8). W4A16: + bias, in out's dtype."""
+    if A8:
+        _epilogue(acc, rows, cols, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr, XS_MODE, WS_MODE,
+                  HAS_BIAS, OUT_INT8, OS_MODE)
+    else:
+        v = acc
+        if HAS_BIAS:
+            v = v + tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
+        tl.store(out_ptr + rows.to(tl.int64) * stride_om + cols, v.to(out_ptr.dtype.element_ty),
+                 mask=(rows < M) & (cols < N))
+
+
+@triton.jit
+def _w4_gemm_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, NG, HALF,
+                    stride_xm, stride_wn, stride_gn, stride_om,
+                    A8: tl.constexpr, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, FULL: tl.constexpr,
+                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HG: tl.constexpr, GROUP_M: tl.constexpr):
+    pid = tl.program_id(0)
+    num_m = tl.cdiv(M, BLOCK_M)
+    num_n = tl.cdiv(N, BLOCK_N)
+    group = GROUP_M * num_n  # programs of GROUP_M row tiles walk the columns together (L2 reuse)
+    first_m = (pid // group) * GROUP_M
+    size_m = min(num_m - first_m, GROUP_M)
+    pid_m = first_m + (pid % group) % size_m
+    pid_n = (pid % group) // size_m
+    rm = pid_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = pid_n * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = tl.arange(0, HG)  # byte j of a group: columns 2j and 2j + 1
+    jmask = j < HALF
+    kk = tl.arange(0, 2 * HG)
+    # rows and columns past the edge wrap around: loaded, computed, never stored
+    x_rows = x_ptr + (rm % M).to(tl.int64)[:, None] * stride_xm + kk[None, :]
+    w_cols = w_ptr + (rn % N).to(tl.int64)[None, :] * stride_wn + j[:, None]
+    g_cols = gs_ptr + (rn % N).to(tl.int64) * stride_gn
+    acc = tl.zeros((BLOCK_M, BLOCK_N), dtype=tl.int32 if A8 else tl.float32)
+    for grp in range(0, NG):
+        if FULL:  # HG == HALF: no mask, so the loads are vectorized
+            xt = tl.load(x_rows)
+            wb = tl.load(w_cols)
+        else:
+            xt = tl.load(x_rows, mask=(kk < 2 * HALF)[None, :], other=0)
+            wb = tl.load(w_cols, mask=jmask[:, None], other=0)
+        xe, xo = tl.split(tl.reshape(xt, (BLOCK_M, HG, 2)))  # x's even and odd columns
+        lo, hi = _unpack(wb)
+        if A8:
+            part = tl.dot(xo, hi, tl.dot(xe, lo, out_dtype=tl.int32), out_dtype=tl.int32)
+            acc += part * tl.load(g_cols + grp).to(tl.int32)[None, :]
+        elif x_ptr.dtype.element_ty == tl.float32:
+            part = tl.dot(xo, hi.to(tl.float32), tl.dot(xe, lo.to(tl.float32), input_precision="ieee"),
+                          input_precision="ieee")
+            acc += part * tl.load(g_cols + grp)[None, :]
+        else:  # codes are exact in fp16
+            part = tl.dot(xo, hi.to(xe.dtype), tl.dot(xe, lo.to(xe.dtype)))
+            acc += part * tl.load(g_cols + grp)[None, :]
+        x_rows += 2 * HALF
+        w_cols += HALF
+    _store(acc, rm[:, None], rn[None, :], M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr, A8, XS_MODE,
+           WS_MODE, HAS_BIAS, OUT_INT8, OS_MODE)
+
+
+@triton.jit
+def _w4_gemv_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, NG, HALF,
+                    stride_xm, stride_wn, stride_gn, stride_om,
+                    A8: tl.constexpr, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                    OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, FULL: tl.constexpr, BLOCK_N: tl.constexpr,
+                    BLOCK_G: tl.constexpr, HG: tl.constexpr):
+    m = tl.program_id(1)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gi = tl.arange(0, BLOCK_G)
+    j = tl.arange(0, HG)
+    w_rows = w_ptr + (rn % N).to(tl.int64)[:, None, None] * stride_wn
+    g_rows = gs_ptr + (rn % N).to(tl.int64)[:, None] * stride_gn
+    x_row = x_ptr + m.to(tl.int64) * stride_xm
+    acc = tl.zeros((BLOCK_N,), dtype=tl.int32 if A8 else tl.float32)
+    for g0 in range(0, NG, BLOCK_G):
+        grp = g0 + gi
+        gmask = grp < NG
+        kb = grp[:, None] * HALF + j[None, :]  # (groups, bytes): byte index in the row
+        kmask = gmask[:, None] if FULL else gmask[:, None] & (j < HALF)[None, :]  # FULL: vectorized loads
+        xe = tl.load(x_row + 2 * kb, mask=kmask, other=0)
+        xo = tl.load(x_row + 2 * kb + 1, mask=kmask, other=0)
+        lo, hi = _unpack(tl.load(w_rows + kb[None, :, :], mask=kmask[None, :, :], other=0))
+        if A8:
+            part = tl.sum(lo.to(tl.int32) * xe.to(tl.int32)[None, :, :] + hi.to(tl.int32) * xo.to(tl.int32)[None, :, :],
+                          axis=2)
+            acc += tl.sum(part * tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0).to(tl.int32), axis=1)
+        else:
+            part = tl.sum(lo.to(tl.float32) * xe.to(tl.float32)[None, :, :]
+                          + hi.to(tl.float32) * xo.to(tl.float32)[None, :, :], axis=2)
+            acc += tl.sum(part * tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0.0), axis=1)
+    _store(acc, m, rn, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr, A8, XS_MODE, WS_MODE, HAS_BIAS,
+           OUT_INT8, OS_MODE)
+
+
+def _gemm_config(m: int, n: int) -> dict[str, int]:
+    """Tile shapes by problem size (one 128-column weight group per K step); not yet tuned on a GPU."""
+    if m <= 16:
+        return dict(BLOCK_M=16, BLOCK_N=64 if triton.cdiv(n, 64) >= 128 else 32, GROUP_M=1, num_warps=4,
+                    num_stages=4)
+    if m <= 64:
+        return dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=4)
+    return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
+
+
+def _gemv_config(n: int, n_groups: int, hg: int) -> dict[str, int]:
+    """About 640 programs or more with up to 8 weight rows each (as the W8A8 GEMV), and up to 4096 bytes
+    per row block and step, in whole groups that divide the row's groups (no masked tail step)."""
+    bn = 1
+    while bn < 8 and n // (2 * bn) >= 640:
+        bn *= 2
+    bg = max(1, min(next_pow2(n_groups), 4096 // (bn * hg)))
+    while bg > 1 and n_groups % bg:
+        bg //= 2
+    return dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=4)
+
+
+def _launch(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, out: torch.Tensor,
+            xs: torch.Tensor | None, ws: torch.Tensor | None, bias: torch.Tensor | None, os_: torch.Tensor | None,
+            modes: tuple[int, int, int], config: dict[str, int] | None) -> None:
+    m, k = x2.shape
+    n, n_groups = group_scale.shape
+    half = k // n_groups // 2
+    hg = max(32, next_pow2(half))
+    dummy = group_scale  # stands in for absent tensors: the kernel never reads it
+    a8 = xs is not None
+    args = (x2, w_packed.view(torch.int8), group_scale, out, xs if a8 else dummy, ws if a8 else dummy,
+            bias.contiguous() if bias is not None else dummy, os_ if os_ is not None else dummy, m, n, n_groups,
+            half, x2.stride(0), w_packed.stride(0), group_scale.stride(0), out.stride(0))
+    flags = dict(A8=a8, XS_MODE=modes[0], WS_MODE=modes[1], HAS_BIAS=bias is not None, OUT_INT8=os_ is not None,
+                 OS_MODE=modes[2], FULL=hg == half, enable_fp_fusion=False)
+    if m <= GEMV_MAX_ROWS:
+        cfg = {**_gemv_config(n, n_groups, hg), **(config or {})}
+        _w4_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, HG=hg, **cfg)
+    else:
+        cfg = {**_gemm_config(m, n), **(config or {})}
+        grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
+        _w4_gemm_kernel[grid](*args, **flags, HG=hg, **cfg)
+
+
+def _operands(x: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor
+              ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """x as rows (M, K) with unit column stride, and the weights and group scales with unit last stride;
+    None when the shapes are not those of a packed int4 weight for x (the reference raises the error)."""
+    k = x.shape[-1]
+    if (w_packed.dtype != torch.uint8 or w_packed.dim() != 2 or 2 * w_packed.shape[1] != k
+            or group_scale.dim() != 2 or group_scale.shape[0] != w_packed.shape[0] or group_scale.shape[1] < 1
+            or k % group_scale.shape[1] or (k // group_scale.shape[1]) % 2):
+        return None
+    x2 = x.reshape(-1, k)
+    fix = [t if t.stride(-1) == 1 else t.contiguous() for t in (x2, w_packed, group_scale)]
+    return fix[0], fix[1], fix[2]
+
+
+def w4a16_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
+                 out_dtype: torch.dtype | None = None, config: dict[str, int] | None = None) -> torch.Tensor | None:
+    """W4A16 linear of x (..., K) (fp16 or fp32) with packed weights (N, K/2) and fp32 group scales
+    (N, K/group); output in out_dtype (default x's). `config` overrides the tile choice. None when the
+    shapes are not a packed int4 layout (the caller falls back to the reference, which names the error)."""
+    if x.dtype not in _FLOATS or w_scale.dtype != torch.float32:
+        return None
+    ops = _operands(x, w_packed, w_scale)
+    if ops is None:
+        return None
+    x2, w, s = ops
+    *lead, _ = x.shape
+    n = w.shape[0]
+    out = torch.empty(x2.shape[0], n, device=x.device, dtype=out_dtype or x.dtype)
+    if out.numel():
+        _launch(x2, w, s, out, None, None, bias, None, (PER_TENSOR, PER_TENSOR, PER_TENSOR), config)
+    return out.reshape(*lead, n)
+
+
+def w4a8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                group_scale: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
+                out_scale: torch.Tensor | None = None, config: dict[str, int] | None = None) -> torch.Tensor | None:
+    """W4A8 linear of int8 x_q (..., K) with packed weights (N, K/2), per-row fp32 scales w_scale (N,) (or
+    0-d) and integer group scales (N, K/group); float out_dtype, or int8 when out_scale is given. Scales
+    are validated fp32 tensors (x: 0-d or per row). None when a layout is one the kernels don't take."""
+    ops = _operands(x_q, w_packed, group_scale)
+    if ops is None or group_scale.dtype.is_floating_point:
+        return None
+    x2, w, gs = ops
+    *lead, _ = x_q.shape
+    m, n = x2.shape[0], w.shape[0]
+    xs_mode = scale_mode(x_scale, x_q.shape)
+    ws_mode = scale_mode(w_scale, (m, n))
+    os_mode = None if out_scale is None else scale_mode(out_scale, (*lead, n))
+    if xs_mode not in (PER_TENSOR, PER_ROW) or ws_mode not in (PER_TENSOR, PER_CHANNEL) or (
+            out_scale is not None and os_mode is None):
+        return None
+    out = torch.empty(m, n, device=x_q.device, dtype=torch.int8 if out_scale is not None else out_dtype)
+    if out.numel():
+        dev = x_q.device
+        _launch(x2, w, gs, out, flat_scale(x_scale, dev), flat_scale(w_scale, dev), bias,
+                None if out_scale is None else flat_scale(out_scale, dev), (xs_mode, ws_mode, os_mode or PER_TENSOR),
+                config)
+    return out.reshape(*lead, n)

@@ -1,0 +1,120 @@
+"""W4A16 and W4A8 linear kernels (GEMV and GEMM) against the reference ops, on the CPU through Triton's
+interpreter, directly and through ssmq.ops.dispatch."""
+
+import pytest
+
+from ssmq.ops.triton import HAS_TRITON
+
+if not HAS_TRITON:
+    pytest.skip("Triton is not installed: the kernel interpreter tests need it (pip install triton)",
+                allow_module_level=True)
+
+from ssmq.ops.triton.interpreter import use_interpreter  # noqa: E402
+
+use_interpreter()
+
+import torch  # noqa: E402
+
+from ssmq.errors import SsmqError  # noqa: E402
+from ssmq.ops import dispatch  # noqa: E402
+from ssmq.ops import int4_linear as ref  # noqa: E402
+from ssmq.ops.int4 import pack_int4, quantize_int4, quantize_int4_two_level  # noqa: E402
+from ssmq.ops.triton import w4  # noqa: E402
+from ssmq.ops.triton.conformance import agreement  # noqa: E402
+
+# M = 1 and 3 take the GEMV, 18 and 70 the tensor-core GEMM (two tile configurations); K = 80 is one group
+# of 80 columns (K <= 128), 256 and 384 are groups of 128
+SHAPES = [((1,), 24, 384), ((3,), 20, 80), ((2, 9), 33, 256), ((70,), 20, 256)]
+
+
+def tiles(lead: tuple[int, ...]) -> dict[str, int] | None:
+    """Fewer, wider GEMV programs: the interpreter's time grows with the number of programs."""
+    return dict(BLOCK_N=8) if lead[0] <= w4.GEMV_MAX_ROWS and len(lead) == 1 else None
+
+
+def weights(n: int, k: int, seed: int) -> torch.Tensor:
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g) * (torch.rand(n, 1, generator=g) + 0.1)
+
+
+@pytest.mark.parametrize("lead,n,k", SHAPES)
+def test_w4a16_linear(lead, n, k):
+    g = torch.Generator().manual_seed(k)
+    codes, scale = quantize_int4(weights(n, k, seed=n))
+    packed, bias = pack_int4(codes), torch.randn(n, generator=g)
+    for dtype in (torch.float16, torch.float32):
+        x = torch.randn(*lead, k, generator=g).to(dtype)
+        out = w4.w4a16_linear(x, packed, scale, bias, config=tiles(lead))
+        expected = ref.w4a16_linear(x, packed, scale, bias)
+        # fp16 outputs: the kernel and the reference sum in different orders, so some elements round to the
+        # neighbouring fp16 value (one ulp is ~5e-4 relative); still well inside the 1e-3 float tolerance
+        tolerance = 1e-4 if dtype == torch.float16 else 1e-5
+        assert out.dtype == dtype and agreement(out, expected).rel_error < tolerance
+    out = w4.w4a16_linear(x, packed, scale, None, torch.float16, config=tiles(lead))
+    assert out.dtype == torch.float16 and agreement(out, ref.w4a16_linear(x, packed, scale, None, torch.float16)).ok
+
+
+@pytest.mark.parametrize("lead,n,k", SHAPES)
+def test_w4a8_linear_is_exact(lead, n, k):
+    g = torch.Generator().manual_seed(k + 1)
+    codes, s_c, gs = quantize_int4_two_level(weights(n, k, seed=n + 1))
+    packed, bias = pack_int4(codes), torch.randn(n, generator=g)
+    x = torch.randint(-128, 128, (*lead, k), generator=g, dtype=torch.int8)
+    per_token = torch.rand(*lead, 1, generator=g) * 0.01 + 1e-3
+    out = w4.w4a8_linear(x, per_token, packed, s_c, gs, bias, torch.float32, config=tiles(lead))
+    assert torch.equal(out, ref.w4a8_linear(x, per_token, packed, s_c, gs, bias, torch.float32))
+    out = w4.w4a8_linear(x, torch.tensor(0.01), packed, s_c, gs, None, torch.float16, config=tiles(lead))
+    assert torch.equal(out, ref.w4a8_linear(x, 0.01, packed, s_c, gs, None, torch.float16))
+    out = w4.w4a8_linear(x, per_token, packed, s_c, gs, bias, out_scale=torch.tensor(0.05), config=tiles(lead))
+    assert torch.equal(out, ref.w4a8_linear(x, per_token, packed, s_c, gs, bias, out_scale=0.05))
+
+
+def test_w4a8_extreme_codes_and_group_scales():
+    """Every product at its largest (-128 * -8 * 127): the int32 sums are exact and fp32(acc) rounds as
+    the reference's (acc above 2^24)."""
+    n, k = 6, 512
+    codes = torch.full((n, k), -8, dtype=torch.int8)
+    codes[1::2, 1::2] = 7
+    gs = torch.full((n, k // 128), 127, dtype=torch.int16)
+    gs[:, 1] = 1
+    s_c = torch.rand(n, generator=torch.Generator().manual_seed(0)) + 0.5
+    for m in (1, 20):
+        x = torch.full((m, k), -128, dtype=torch.int8)
+        out = w4.w4a8_linear(x, torch.tensor(1.0), pack_int4(codes), s_c, gs, None, torch.float32,
+                             config=tiles((m,)))
+        assert torch.equal(out, ref.w4a8_linear(x, 1.0, pack_int4(codes), s_c, gs, None, torch.float32))
+    assert float(out.abs().max()) > 2 ** 24
+
+
+def test_strided_rows_and_unknown_layouts():
+    codes, s_c, gs = quantize_int4_two_level(weights(8, 128, seed=3))
+    x = torch.randint(-128, 128, (1, 2, 256), dtype=torch.int8)[..., :128]  # a view with a row stride of 256
+    out = w4.w4a8_linear(x, torch.tensor(0.01), pack_int4(codes), s_c, gs, out_scale=torch.tensor(0.3))
+    assert torch.equal(out, ref.w4a8_linear(x, 0.01, pack_int4(codes), s_c, gs, out_scale=0.3))
+    per_column = torch.rand(128) + 0.1
+    assert w4.w4a8_linear(x, per_column, pack_int4(codes), s_c, gs) is None
+    assert w4.w4a16_linear(torch.randn(2, 64), pack_int4(codes), s_c[:, None]) is None  # K does not match
+
+
+@pytest.fixture
+def kernels(monkeypatch):
+    """Force dispatch onto the (interpreted) kernels."""
+    monkeypatch.setattr(dispatch, "uses_kernels", lambda *tensors: True)
+
+
+def test_dispatch_routes_and_reports_bad_input(kernels):
+    g = torch.Generator().manual_seed(7)
+    w = weights(16, 256, seed=7)
+    codes, scale = quantize_int4(w)
+    x = torch.randn(2, 256, generator=g).half()
+    assert agreement(dispatch.w4a16_linear(x, pack_int4(codes), scale), ref.w4a16_linear(x, pack_int4(codes), scale)).ok
+    codes, s_c, gs = quantize_int4_two_level(w)
+    xq = torch.randint(-128, 128, (2, 256), generator=g, dtype=torch.int8)
+    out = dispatch.w4a8_linear(xq, torch.tensor(0.02), pack_int4(codes), s_c, gs, out_scale=torch.tensor(0.1))
+    assert torch.equal(out, ref.w4a8_linear(xq, 0.02, pack_int4(codes), s_c, gs, out_scale=0.1))
+    with pytest.raises(SsmqError, match="group scales must lie in"):
+        dispatch.w4a8_linear(xq, torch.tensor(0.02), pack_int4(codes), s_c, torch.zeros_like(gs))
+    with pytest.raises(SsmqError, match="w_scale"):
+        dispatch.w4a8_linear(xq, torch.tensor(0.02), pack_int4(codes), torch.zeros_like(s_c), gs)
+    with pytest.raises(SsmqError, match="does not match"):
+        dispatch.w4a16_linear(x[:, :128], pack_int4(codes), scale)
