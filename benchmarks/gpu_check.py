@@ -7,19 +7,22 @@ Stages (all by default, in this order; --stages picks some):
   model   whole models (mamba-130m shape): logits with kernels vs with reference ops, and CUDA-graph
           decoding vs eager decoding (must be bit-identical)
   scan    the chunked prefill scan in a few tile configurations; the fastest is used afterwards
-  bench   `ssmq bench`'s comparison on --shape: fp16 vs W8A8 (+ transformers fp16)
-  fused   the same with the module edits proposed to the modules' owner (fused_modules below) and
-          the embedding and lm_head in int8 (one shared table)
-  profile GPU time by kernel of one prefill and one eager decoding step of both models (fused)
+  tune    the batch-1 GEMV of each --shape weight in a few configurations (dp4a kernel included); the
+          fastest bit-exact one is used by the later stages of this run
+  bench   `ssmq bench --int8-head`'s comparison on --shape: fp16 vs W8A8 with the embedding and lm_head
+          as one shared int8 table (+ transformers fp16)
+  bench_fp16_head  the same at batch 1 with the quamba1 plan's fp16 embedding and lm_head
+  profile GPU time by kernel of one prefill and one eager decoding step of both models
   linear  W8A8 linear kernels vs cuBLAS fp16 on the --shape projections (GB/s, TOPS); with
           --sweep-linear also alternative tile shapes
-Prints a pass/fail table and a ratio table last; writes $OUT/gpu_check.json (or ./gpu_check.json).
+  m2checks, m2time  Mamba2 SSD-scan and W4A16 / W4A8 kernels at mamba2-2.7b shapes: checks, then times
+          beside fp16 and W8A8 (benchmarks/mamba2_gpu.py; both within --m2-budget-s)
+Each stage runs alone (an exception fails that stage only) and starts only if its expected cost
+(STAGE_COST_S) fits in --budget-s. Prints a pass/fail table and a ratio table last, then one line
+`SUMMARY_JSON {...}` with the headline numbers; writes $OUT/gpu_check.json (or ./gpu_check.json).
 
-Until ssmq.quant.modules and ssmq.models.layers import their ops from ssmq.ops.dispatch (a pending
-edit of their owner), this script points those modules' op references at dispatch for its process.
-
-    PYTHONPATH=. python3 benchmarks/gpu_check.py [--stages checks,model,scan,bench,fused,profile,linear]
-        [--shape mamba-2.8b] [--prompt-len 2048] [--gen-len 128] [--batch 1,16] [--budget-s 250]
+    PYTHONPATH=. python3 benchmarks/gpu_check.py [--stages checks,model,tune,bench,...]
+        [--shape mamba-2.8b] [--prompt-len 2048] [--gen-len 128] [--batch 1,16] [--budget-s 240]
     PYTHONPATH=. python3 benchmarks/gpu_check.py --dry-run     # CPU, Triton interpreter, tiny shapes: tests this script
 """
 
@@ -34,7 +37,6 @@ import os
 import sys
 import time
 import traceback
-import types
 from collections.abc import Callable, Iterator
 from dataclasses import asdict
 from pathlib import Path
@@ -48,8 +50,10 @@ if DRY:
 import torch  # noqa: E402
 
 from ssmq.ops import conv, dispatch, hadamard, int8_conv, int8_linear, int8_norm, int8_scan, norm, scan  # noqa: E402
-from ssmq.ops.quantize import dequantize, quantize  # noqa: E402
+from ssmq.ops.quantize import quantize  # noqa: E402
 from ssmq.ops.triton.conformance import agreement  # noqa: E402
+
+import mamba2_gpu  # noqa: E402  (benchmarks/mamba2_gpu.py: the m2checks and m2time stages)
 
 OUT = Path(os.environ.get("OUT", "."))
 RESULTS: dict = {"argv": sys.argv[1:], "stages": {}}
@@ -64,98 +68,17 @@ def save() -> None:
     (OUT / "gpu_check.json").write_text(json.dumps(RESULTS, indent=1, default=str))
 
 
-# ---------------------------------------------------------------- routing the modules through dispatch
-
-def _dispatch_namespace(reference: types.ModuleType) -> types.SimpleNamespace:
-    """`reference`'s public names, with those that dispatch provides taken from dispatch."""
-    names = {k: v for k, v in vars(reference).items() if not k.startswith("_")}
-    names.update({k: getattr(dispatch, k) for k in dispatch.__all__ if k in names})
-    return types.SimpleNamespace(**names)
-
+# ---------------------------------------------------------------- reference ops on demand
 
 @contextlib.contextmanager
-def routed(on: bool = True) -> Iterator[None]:
-    """Make the model modules call ssmq.ops.dispatch (on) or the reference ops (off) inside the block."""
-    import ssmq.models.layers as layers
-    import ssmq.quant.modules as modules
-    import ssmq.quant.transforms as transforms
-    from ssmq.ops import int8_embedding
-
-    targets = {
-        layers: {"conv": conv, "norm": norm, "scan": scan},
-        modules: {"fconv": conv, "fscan": scan, "hadamard": hadamard, "int8_conv": int8_conv,
-                  "int8_embedding": int8_embedding, "int8_linear": int8_linear, "int8_norm": int8_norm,
-                  "int8_scan": int8_scan, "rms_norm": norm.rms_norm, "quantize": quantize,
-                  "dequantize": dequantize},
-        transforms: {"hadamard_transform": hadamard.hadamard_transform},
-    }
-    saved = []
-    for module, attrs in targets.items():
-        for attr, ref in attrs.items():
-            if not hasattr(module, attr):
-                continue
-            saved.append((module, attr, getattr(module, attr)))
-            if not on:
-                new = ref
-            elif isinstance(ref, types.ModuleType):
-                new = _dispatch_namespace(ref)
-            else:
-                new = getattr(dispatch, ref.__name__)
-            setattr(module, attr, new)
+def reference_ops() -> Iterator[None]:
+    """Inside the block every ssmq.ops.dispatch function takes its reference op, even on CUDA tensors."""
+    saved = dispatch.uses_kernels
+    dispatch.uses_kernels = lambda *tensors: False
     try:
         yield
     finally:
-        for module, attr, old in saved:
-            setattr(module, attr, old)
-
-
-@contextlib.contextmanager
-def fused_modules() -> Iterator[None]:
-    """The module edits proposed to the modules' owner, applied for this process: conv + SiLU + quantize
-    in one call, rotation + quantize in one call (on the fp16 scan output), out_proj storing fp16 directly,
-    and the fp conv fused with its SiLU. Each applies only where no tap hook needs the intermediate."""
-    from ssmq.models.layers import CausalConv1d
-    from ssmq.ops.qtensor import QTensor
-    from ssmq.quant.modules import QuantCausalConv1d, QuantHadamard, W8A8Linear
-
-    originals = {cls: cls.forward for cls in (CausalConv1d, QuantCausalConv1d, QuantHadamard, W8A8Linear)}
-
-    def conv_q8(self, x, state):
-        if not self.out.static or self.pre_act_tap in self.taps.active():
-            return originals[QuantCausalConv1d](self, x, state)
-        bias = None if self.bias is None else self.bias.float()
-        w_scale = self.weight_scale if self.weight_scale.numel() > 1 else self.weight_scale[0]
-        scale = self.out.scale_for(x.codes)
-        codes, new_state = dispatch.int8_causal_conv1d_silu(x.codes, x.scale, self.weight[:, 0], w_scale, bias,
-                                                            scale, state)
-        return QTensor(codes, scale), new_state
-
-    def hadamard_q8(self, y):
-        if not self.out.static:
-            return originals[QuantHadamard](self, y)
-        scale = self.out.scale_for(y)
-        return QTensor(dispatch.hadamard_quantize(y, scale, self.rotate), scale)
-
-    def linear_q8(self, x):
-        if self.out is not None:
-            return originals[W8A8Linear](self, x)
-        x = x if isinstance(x, QTensor) else self.inp(x)
-        bias = self.bias.float() if self.bias is not None and self.adds_bias else None
-        return dispatch.int8_linear(x.codes, x.scale, self.weight, self.weight_scale, bias, out_dtype=self.out_dtype)
-
-    def conv_fp(self, x, state):
-        if self.pre_act_tap in self.taps.active():
-            return originals[CausalConv1d](self, x, state)
-        return dispatch.causal_conv1d_silu(x, self.weight[:, 0], self.bias, state)
-
-    for cls, fn in ((CausalConv1d, conv_fp), (QuantCausalConv1d, conv_q8), (QuantHadamard, hadamard_q8),
-                    (W8A8Linear, linear_q8)):
-        cls.forward = fn
-    try:
-        yield
-    finally:
-        for cls, fn in originals.items():
-            cls.forward = fn
+        dispatch.uses_kernels = saved
 
 
 # ---------------------------------------------------------------- stage: kernel checks
@@ -358,7 +281,7 @@ def model_checks(device: torch.device, shape_cfg) -> dict:
             return all(torch.equal(g, e) for g, e in zip(graph_logits, eager_logits))
 
         with torch.no_grad():
-            with routed(False):
+            with reference_ops():
                 ref = run()
                 if device.type == "cuda":  # the same reference ops on the CPU: the float noise floor
                     gpu_model, gpu_ids = model, ids
@@ -371,23 +294,15 @@ def model_checks(device: torch.device, shape_cfg) -> dict:
                                                                               "argmax_agree": agree}
                     log(f"{label} reference GPU vs CPU: logits rel error {a.rel_error:.2e}, "
                         f"argmax agreement {agree:.3f}")
-            with routed(True):
-                fast = run()
-                with fused_modules():
-                    fused = run()
-            for name, value in (("kernels", fast), ("kernels + fused modules", fused)):
-                a = agreement(value, ref)
-                agree = float((value.argmax(-1) == ref.argmax(-1)).float().mean())
-                out[f"{label} logits, {name} vs reference ops"] = {"rel_error": a.rel_error, "argmax_agree": agree}
-                log(f"{label} {name}: logits rel error {a.rel_error:.2e}, argmax agreement {agree:.3f}")
+            fast = run()
+            a = agreement(fast, ref)
+            agree = float((fast.argmax(-1) == ref.argmax(-1)).float().mean())
+            out[f"{label} logits, kernels vs reference ops"] = {"rel_error": a.rel_error, "argmax_agree": agree}
+            log(f"{label} kernels: logits rel error {a.rel_error:.2e}, argmax agreement {agree:.3f}")
             if device.type == "cuda":
-                with routed(True):
-                    same = graph_equals_eager()
-                    with fused_modules():
-                        same_fused = graph_equals_eager()
+                same = graph_equals_eager()
                 out[f"{label} CUDA-graph decode == eager decode"] = same
-                out[f"{label} CUDA-graph decode == eager decode (fused modules)"] = same_fused
-                log(f"{label}: CUDA-graph decoding identical to eager: {same}, with fused modules: {same_fused}")
+                log(f"{label}: CUDA-graph decoding identical to eager: {same}")
     return out
 
 
@@ -446,6 +361,62 @@ def linear_micro(device: torch.device, dims: dict[str, int], sweep: bool) -> dic
     return out
 
 
+TUNE_GEMV = [dict(BLOCK_N=bn, BLOCK_K=bk, num_warps=w, DP4A=d) for d, bn, bk, w in (
+    (0, 16, 256, 4), (1, 8, 512, 4), (1, 4, 1024, 4), (1, 16, 512, 4), (1, 16, 1024, 8), (1, 32, 512, 8),
+    (1, 2, 2048, 4))]
+"""Each configuration compiles once per output kind (about 1 s each without a carried Triton cache)."""
+
+
+def tune_gemv(device: torch.device, dims: dict[str, int], vocab: int) -> dict:
+    """For each weight of a decoding step at batch 1 (M=1 GEMVs), time the default configuration and a few
+    others (the dp4a kernel among them), keep those whose output is bit-identical to the reference op,
+    and install the fastest in ssmq.ops.triton.linear.GEMV_TUNED for the rest of this run (bench and
+    profile stages). Weights are cycled through copies, so that they stream from HBM as in a model."""
+    from triton.testing import do_bench
+
+    from ssmq.ops.triton import linear as tlinear
+
+    out: dict = {"gemv": []}
+    dm, di, r, n = dims["d_model"], dims["d_inner"], dims["dt_rank"], dims["d_state"]
+    s = torch.tensor(0.01, device=device)
+    g = torch.Generator(device).manual_seed(3)
+    for label, nout, k, int8_out in (("in_proj", 2 * di, dm, True), ("x_proj", r + 2 * n, di, True),
+                                     ("dt_proj", di, r, True), ("out_proj", dm, di, False),
+                                     ("lm_head", vocab, dm, False)):
+        copies = max(2, min(8, (160 << 20) // (nout * k)))
+        ws = [torch.randint(-127, 128, (nout, k), device=device, dtype=torch.int8, generator=g) for _ in range(copies)]
+        wide = torch.randint(-127, 128, (1, k + 2 * n if label == "dt_proj" else k), device=device,
+                             dtype=torch.int8, generator=g)
+        x = wide[:, :k]  # dt_proj reads the dt part of x_proj's output: a strided view, as in the model
+        kw = dict(out_scale=s) if int8_out else dict(out_dtype=torch.float16)
+        ref = int8_linear.int8_linear(x, s, ws[0], s, **kw)
+        it = iter(range(10 ** 9))
+        row: dict = {"op": label, "N": nout, "K": k, "configs": []}
+        for cfg in [None] + TUNE_GEMV:
+            try:
+                got = tlinear.int8_linear(x, s, ws[0], s, config=cfg, **kw)
+                exact = bool(torch.equal(got, ref))
+                t = do_bench(lambda: tlinear.int8_linear(x, s, ws[next(it) % copies], s, config=cfg, **kw),
+                             warmup=5, rep=25, return_mode="median")
+                row["configs"].append({"config": cfg or "default", "us": t * 1e3, "exact": exact,
+                                       "GBps": nout * k / t / 1e6})
+            except Exception as exc:
+                row["configs"].append({"config": cfg or "default", "error": f"{type(exc).__name__}: {exc}"[:160]})
+        timed = [c for c in row["configs"] if c.get("exact")]
+        best = min(timed, key=lambda c: c["us"], default=None)
+        default = next((c for c in row["configs"] if c["config"] == "default" and "us" in c), None)
+        if best is not None and best["config"] != "default":
+            tlinear.GEMV_TUNED[(nout, k)] = dict(best["config"])
+        row["chosen"] = best
+        out["gemv"].append(row)
+        log(f"GEMV {label} N={nout} K={k}: default {default and round(default['us'], 1)} us, best "
+            f"{best and round(best['us'], 1)} us {best and best['config']} ({best and round(best['GBps'])} GB/s)"
+            + ("; NOT EXACT: " + str([c['config'] for c in row['configs'] if c.get('exact') is False])
+               if any(c.get("exact") is False for c in row["configs"]) else ""))
+    out["installed"] = {f"{k[0]}x{k[1]}": v for k, v in tlinear.GEMV_TUNED.items()}
+    return out
+
+
 SCAN_CONFIGS = [dict(BLOCK_D=bd, T=t, num_warps=w) for bd, t, w in (
     (8, 16, 2), (16, 16, 4), (8, 32, 4), (4, 16, 1), (4, 32, 2), (8, 8, 2), (8, 16, 1), (16, 8, 2))]
 
@@ -489,20 +460,20 @@ def scan_sweep(device: torch.device, dims: dict[str, int]) -> dict:
 
 # ---------------------------------------------------------------- stage: benchmark
 
-def bench(device: torch.device, args: argparse.Namespace, fused: bool = False) -> dict:
+def bench(device: torch.device, args: argparse.Namespace, int8_head: bool = True, batches: str | None = None,
+          transformers: bool = True) -> dict:
+    """`ssmq bench --shape S [--int8-head]`'s comparison (ssmq.bench.run.compare) on random weights."""
     from ssmq.bench.models import prepare_for_inference, random_fp_model, random_w8a8_model
     from ssmq.bench.run import BenchSettings, compare
     from ssmq.bench.shapes import shape_config
 
     cfg = shape_config(args.shape)
     settings = BenchSettings(prompt_len=args.prompt_len, gen_len=args.gen_len,
-                             batches=tuple(int(b) for b in args.batch.split(",")), repeats=args.repeats,
-                             transformers=not (args.no_transformers or fused))
-    settings.int8_head = fused
-    with routed(True), (fused_modules() if fused else contextlib.nullcontext()):
-        fp = prepare_for_inference(random_fp_model(cfg, device))
-        q = prepare_for_inference(random_w8a8_model(cfg, device, int8_head=fused))
-        result = compare(fp, q, settings)
+                             batches=tuple(int(b) for b in (batches or args.batch).split(",")), repeats=args.repeats,
+                             transformers=transformers and not args.no_transformers, int8_head=int8_head)
+    fp = prepare_for_inference(random_fp_model(cfg, device))
+    q = prepare_for_inference(random_w8a8_model(cfg, device, int8_head=int8_head))
+    result = compare(fp, q, settings)
     return {"settings": result.settings, "environment": result.environment, "rows": result.rows}
 
 
@@ -519,7 +490,7 @@ def profile(device: torch.device, args: argparse.Namespace) -> dict:
     cfg = shape_config(args.shape)
     out: dict = {}
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), device=device)
-    with routed(True), fused_modules(), torch.no_grad():
+    with torch.no_grad():
         for label, build in (("fp16", lambda: random_fp_model(cfg, device)),
                              ("w8a8", lambda: random_w8a8_model(cfg, device, int8_head=True))):
             model = prepare_for_inference(build())
@@ -546,6 +517,7 @@ def profile(device: torch.device, args: argparse.Namespace) -> dict:
 # ---------------------------------------------------------------- main
 
 def print_summary() -> None:
+    mamba2_gpu.summary(RESULTS["stages"])
     checks = RESULTS["stages"].get("checks", {}).get("rows", [])
     if checks:
         print("\n=== kernel checks (vs reference ops) ===")
@@ -557,8 +529,18 @@ def print_summary() -> None:
         print("\n=== whole models ===")
         for key, value in model.items():
             print(f"{key}: {value}")
-    for stage in ("bench", "fused"):
+    for stage in ("bench", "bench_fp16_head"):
         print_bench(stage, RESULTS["stages"].get(stage))
+    tune = RESULTS["stages"].get("tune", {}).get("gemv")
+    if tune:
+        print("\n=== GEMV (M=1) configurations: default vs fastest bit-exact one (installed for this run) ===")
+        for r in tune:
+            default = next((c for c in r["configs"] if c["config"] == "default" and "us" in c), None)
+            best = r["chosen"]
+            print(f"{r['op']:>8} N={r['N']:<6} K={r['K']:<5} default "
+                  f"{default['us'] if default else float('nan'):7.1f} us  best "
+                  f"{best['us'] if best else float('nan'):7.1f} us ({best['GBps'] if best else 0:5.0f} GB/s) "
+                  f"{best['config'] if best else None}")
     prof = RESULTS["stages"].get("profile")
     if prof and "error" not in prof and "skipped" not in prof:
         for key, value in prof.items():
@@ -584,8 +566,8 @@ def print_summary() -> None:
 def print_bench(stage: str, b: dict | None) -> None:
     if b and "rows" in b:
         s, env = b["settings"], b["environment"]
-        title = ("proposed fused module edits, int8 embedding + lm_head" if stage == "fused"
-                 else "modules as they are, fp16 embedding + lm_head")
+        title = ("fp16 embedding + lm_head" if stage == "bench_fp16_head"
+                 else "int8 embedding + lm_head, one shared table")
         print(f"\n=== benchmark ({title}) {RESULTS.get('shape')}: prompt {s['prompt_len']}, gen {s['gen_len']}; "
               f"{env.get('gpu')}, torch {env['torch']}, triton {env['triton']}, {env['date']} ===")
         print(f"{'batch':>5} {'model':>6} {'TTFT ms':>9} {'TPOT ms':>9} {'tok/s':>9} {'eager ms':>9} "
@@ -604,11 +586,49 @@ def print_bench(stage: str, b: dict | None) -> None:
                      if hf else ""))
 
 
+DEFAULT_STAGES = "checks,model,tune,bench,m2checks,m2time,profile,linear,bench_fp16_head"
+STAGE_COST_S = {"checks": 25, "model": 25, "tune": 30, "bench": 60, "bench_fp16_head": 30, "profile": 25,
+                "linear": 35, "scan": 20, "m2checks": 35, "m2time": 50}
+"""Expected seconds per stage on an H100 with the Triton cache carried (compiling adds ~1 s per kernel);
+a stage starts only when it should end within --budget-s."""
+
+
+def summary() -> dict:
+    """The headline numbers of this run, one JSON line (the full results are in gpu_check.json)."""
+    st = RESULTS["stages"]
+    out: dict = {"gpu": RESULTS.get("gpu", {}).get("name"), "shape": RESULTS.get("shape"),
+                 "stage_s": RESULTS.get("stage_s", {}),
+                 "stage_status": {k: ("skipped" if "skipped" in v else "error" if "error" in v else "ok")
+                                  for k, v in st.items() if isinstance(v, dict)}}
+    rows = st.get("checks", {}).get("rows")
+    if rows:
+        out["checks"] = f"{sum(r['ok'] for r in rows)}/{len(rows)}"
+        out["checks_failed"] = [f"{r['name']} {r['shape']}" for r in rows if not r["ok"]]
+    for stage in ("bench", "bench_fp16_head"):
+        for row in st.get(stage, {}).get("rows", []):
+            r = row["ratios"]
+            out[f"{stage} b{row['batch']}"] = {
+                "fp16_tpot_ms": row["fp16"]["tpot_ms"], "w8a8_tpot_ms": row["w8a8"]["tpot_ms"],
+                "tpot_speedup": r["tpot_speedup"], "ttft_speedup": r["ttft_speedup"],
+                "fp16_ttft_ms": row["fp16"]["ttft_ms"], "w8a8_ttft_ms": row["w8a8"]["ttft_ms"],
+                "weight_fraction": r["weight_fraction"], "vs_transformers": r.get("fp16_vs_transformers_tpot")}
+    model = st.get("model", {})
+    if model and "error" not in model and "skipped" not in model:
+        out["graph_equals_eager"] = {k: v for k, v in model.items() if "CUDA-graph" in k}
+    tune = st.get("tune", {})
+    if "gemv" in tune:
+        out["gemv_chosen"] = {r["op"]: r["chosen"] for r in tune["gemv"]}
+    out.update(mamba2_gpu.headline(st))
+    return out
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
-    p.add_argument("--stages", default="checks,model,scan,bench,fused,profile,linear")
+    p.add_argument("--stages", default=DEFAULT_STAGES)
     p.add_argument("--sweep-linear", action="store_true", help="also time alternative tile shapes (linear stage)")
-    p.add_argument("--budget-s", type=float, default=270.0, help="start no stage after this many seconds")
+    p.add_argument("--budget-s", type=float, default=240.0,
+                   help="start no stage that would end past this many seconds (by STAGE_COST_S)")
+    p.add_argument("--m2-budget-s", type=float, default=85.0, help="time for the m2checks + m2time stages together")
     p.add_argument("--shape", default="mamba-2.8b")
     p.add_argument("--prompt-len", type=int, default=2048)
     p.add_argument("--gen-len", type=int, default=128)
@@ -624,10 +644,12 @@ def main() -> None:
         device = torch.device("cpu")
         dispatch.uses_kernels = lambda *tensors: True  # the interpreter stands in for the GPU
         dims = dict(d_model=32, d_inner=64, dt_rank=4, d_state=4, L=20, B=2)
+        model_vocab = 64
         model_cfg = MambaConfig(arch="mamba1", d_model=32, n_layer=2, vocab_size=64, d_state=4)
     else:
         device = torch.device("cuda")
         cfg = shape_config(args.shape)
+        model_vocab = cfg.vocab_size
         dims = dict(d_model=cfg.d_model, d_inner=cfg.d_inner, dt_rank=cfg.dt_rank, d_state=cfg.d_state, L=2048, B=16)
         model_cfg = shape_config("mamba-130m")
         props = torch.cuda.get_device_properties(device)
@@ -635,33 +657,44 @@ def main() -> None:
         log(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}")
     RESULTS["shape"] = args.shape
     stages = args.stages.split(",")
+    m2_mode = "dry" if args.dry_run else "gpu"
     runners = {
         "checks": lambda: {"rows": Checks(device, dims).run()},
         "model": lambda: model_checks(device, model_cfg),
         "scan": lambda: scan_sweep(device, dims),
+        "tune": lambda: tune_gemv(device, dims, model_vocab),
         "bench": lambda: bench(device, args),
-        "fused": lambda: bench(device, args, fused=True),
+        "bench_fp16_head": lambda: bench(device, args, int8_head=False, batches="1", transformers=False),
         "profile": lambda: profile(device, args),
         "linear": lambda: linear_micro(device, dims, args.sweep_linear),
+        "m2checks": lambda: {"rows": mamba2_gpu.checks(Checks(device, dims), m2_mode, 0.4 * args.m2_budget_s)},
+        "m2time": lambda: mamba2_gpu.timings(device, m2_mode, 0.6 * args.m2_budget_s, log),
     }
     for stage in stages:
-        if args.dry_run and stage in ("scan", "bench", "fused", "profile", "linear"):
+        if args.dry_run and stage in ("scan", "tune", "bench", "bench_fp16_head", "profile", "linear"):
             continue
-        if time.time() - T0 > args.budget_s:
-            log(f"--- stage {stage} skipped: past the {args.budget_s:.0f} s budget")
+        if stage not in runners:
+            log(f"--- stage {stage} unknown (stages: {', '.join(runners)})")
+            RESULTS["stages"][stage] = {"error": "unknown stage"}
+            continue
+        if not args.dry_run and time.time() - T0 + STAGE_COST_S.get(stage, 30.0) > args.budget_s:
+            log(f"--- stage {stage} skipped: it would end past the {args.budget_s:.0f} s budget")
             RESULTS["stages"][stage] = {"skipped": "time budget"}
             continue
+        started = time.time()
         log(f"--- stage {stage}")
         try:
             RESULTS["stages"][stage] = runners[stage]()
         except Exception as exc:
             traceback.print_exc()
             RESULTS["stages"][stage] = {"error": f"{type(exc).__name__}: {exc}"}
+        RESULTS.setdefault("stage_s", {})[stage] = round(time.time() - started, 1)
         save()
         gc.collect()
         if device.type == "cuda":
             torch.cuda.empty_cache()
     print_summary()
+    print("\nSUMMARY_JSON " + json.dumps(summary(), default=str))
     log("done")
 
 

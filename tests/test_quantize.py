@@ -109,10 +109,9 @@ def test_stats_from_the_cli_path_and_their_checks(tmp_path, fp_dir):
 
 
 def test_bad_input_writes_nothing(tmp_path, fp_dir):
-    m2 = neox_model(tmp_path, arch="mamba2", name="m2")
     runner = CliRunner()
-    result = runner.invoke(cli, ["quantize", str(m2), "--recipe", "quamba1", "-o", str(tmp_path / "o1")])
-    assert result.exit_code == 2 and "applies to mamba1 models only" in result.output
+    result = runner.invoke(cli, ["quantize", str(fp_dir), "--recipe", "quamba2-w8a8", "-o", str(tmp_path / "o1")])
+    assert result.exit_code == 2 and "applies to mamba2 models only" in result.output
     odd = neox_model(tmp_path, d_model=36, name="odd")  # d_inner 72 has no Hadamard rotation
     result = runner.invoke(cli, ["quantize", str(odd), "--n", "2", "--seqlen", "16", "-o", str(tmp_path / "o2")])
     assert result.exit_code == 2 and "no Hadamard rotation of size 72" in result.output and "2560" in result.output

@@ -104,8 +104,11 @@ def test_pattern_matching_no_tap_lists_valid_names(taps):
 
 
 def test_preset_errors(taps):
-    with pytest.raises(SsmqError, match="preset 'quamba1' is for mamba1 models; this model is mamba2"):
-        RuleSet("quamba1").assign("mamba2", taps["mamba2"])
+    with pytest.raises(SsmqError, match="preset 'quamba2' is for mamba2 models; this model is mamba1"):
+        RuleSet("quamba2").assign("mamba1", taps["mamba1"])
+    mamba2_quamba1 = RuleSet("quamba1").assign("mamba2", taps["mamba2"])  # its Mamba2 variant: conv.x is u
+    assert str(mamba2_quamba1["layers.0.conv.x"][0]) == "percentile(alpha=0.9995, sigma=0.01)"
+    assert str(mamba2_quamba1["layers.0.conv.B"][0]) == "minmax"
     with pytest.raises(SsmqError, match="unknown preset 'quamba9'"):
         RuleSet("quamba9")
     with pytest.raises(SsmqError, match="malformed layer range"):

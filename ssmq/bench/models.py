@@ -14,15 +14,17 @@ import torch
 
 from ssmq.models.config import MambaConfig
 from ssmq.models.lm import MambaLM
-from ssmq.quant.plan import build_plan, convert, scale_names
-from ssmq.quant.qmodel import QuantizedMambaLM
+from ssmq.quant.plan import build_plan, convert, scale_names, shares_int8_table, tie_int8_table
+from ssmq.quant.qmodel import QuantizedMambaLM, store_float_params
 from ssmq.quant.recipes import get_recipe
 from ssmq.quant.scalebook import ScaleBook, ScaleEntry
 
 # per-tensor activation scales of plausible size for each tap of the quamba1 plan (values ~ scale * 64)
 TAP_SCALES = {"norm.out": 0.03, "in_proj.out": 0.02, "conv.out": 0.01, "x_proj.out": 0.02,
-              "dt_proj.out": 0.02, "ssm.state": 0.02, "out_proj.in": 0.01, "norm_f.out": 0.03}
-FP32_PARAMS = ("A_log", "D", "conv1d.bias", "dt_proj.bias")
+              "dt_proj.out": 0.02, "ssm.state": 0.02, "out_proj.in": 0.01, "norm_f.out": 0.03,
+              # Mamba2 (one value per tensor; the grouped layouts broadcast the same way in every op)
+              "in_proj.z": 0.02, "in_proj.x": 0.02, "in_proj.B": 0.02, "in_proj.C": 0.02, "in_proj.dt": 0.02,
+              "conv.x": 0.01, "conv.B": 0.01, "conv.C": 0.01}
 
 
 def _uniform(t: torch.Tensor, bound: float, gen: torch.Generator) -> None:
@@ -95,12 +97,11 @@ def random_w8a8_model(cfg: MambaConfig, device: torch.device | str, seed: int = 
     gen = torch.Generator(device).manual_seed(seed)
     _fill_float(model, gen)
     _fill_int8(model, gen)
-    if cfg.tie_embeddings:
+    if shares_int8_table(plan, cfg):  # to_empty gave each module its own copy of the shared buffers
+        tie_int8_table(model)
+    elif cfg.tie_embeddings:
         model.lm_head.weight = model.backbone.embeddings.weight
-        if int8_head:
-            model.lm_head.weight_scale = model.backbone.embeddings.weight_scale
-    for p in model.parameters():
-        p.data = p.data.half()
+    store_float_params(model)
     qc = {"recipe": {"name": recipe, "activations": r.activations}, "plan": plan, "transforms": list(r.transforms),
           "source_model": {"path": "<random weights>"}}
     return QuantizedMambaLM(model, book, qc).eval()
@@ -108,15 +109,11 @@ def random_w8a8_model(cfg: MambaConfig, device: torch.device | str, seed: int = 
 
 @torch.no_grad()
 def prepare_for_inference(model: MambaLM) -> MambaLM:
-    """What both benchmarked models get before timing: the scale book on the model's device (so scales
-    are read without host-to-device copies, and CUDA graphs can capture them), and the small per-channel
-    parameters the mixers read as fp32 (A_log, D, conv and dt biases) stored in fp32, so no cast runs per
-    call. Values are unchanged (fp16 -> fp32 is exact)."""
-    device = model.device
+    """What both benchmarked models get before timing: the small per-channel parameters the mixers read as
+    fp32 (A_log, D, conv and dt biases) stored in fp32, as a quantized model stores them, so no cast runs
+    per call (the values are unchanged: fp16 -> fp32 is exact), and a quantized model's scale book on its
+    device (where QuantizedMambaLM.to puts it)."""
     if isinstance(model, QuantizedMambaLM):
-        for _, entry in model.scales.items():
-            entry.value = entry.value.to(device)
-    for name, p in model.named_parameters():
-        if name.endswith(FP32_PARAMS):
-            p.data = p.data.float()
+        model.scales.to(model.device)
+    store_float_params(model, others_fp16=False)
     return model

@@ -19,7 +19,8 @@ from ssmq.quant.recipes import RECIPES
 @click.command("quantize")
 @click.argument("model")
 @click.option("--recipe", default="quamba1", show_default=True, type=click.Choice(list(RECIPES)),
-              help="quamba1 (W8A8, percentile + Hadamard), minmax-static or dynamic (baselines).")
+              help="quamba1 (W8A8, percentile + Hadamard), minmax-static or dynamic (baselines), "
+              "quamba2-w4a8 / quamba2-w4a16 (GPTQ int4 weights).")
 @click.option("-o", "--output", required=True, type=click.Path(), help="Quantized checkpoint directory to write.")
 @click.option("--stats", type=click.Path(), help="Statistics from `ssmq calibrate --recipe ...` (skips calibration).")
 @click.option("--data", type=click.Path(), help="Calibration text (JSONL `text` field or plain text); "
@@ -30,8 +31,10 @@ from ssmq.quant.recipes import RECIPES
 @click.option("--alpha", type=float, help="Percentile alpha for the recipe's percentile scales (quamba1: 0.9995).")
 @click.option("--rules", multiple=True, help="Extra scale rules, e.g. 'layers.0-3.conv.out=percentile(alpha=1.0)'; "
               "later rules win.")
-@click.option("--quantize-embedding", is_flag=True, help="int8 embedding with per-row scales.")
-@click.option("--quantize-lm-head", is_flag=True, help="W8A8 lm_head (per-row weight scales, norm_f.out scale).")
+@click.option("--quantize-embedding", is_flag=True, help="int8 embedding with per-row scales (int4 rows, group "
+              "scales, with the 4-bit recipes).")
+@click.option("--quantize-lm-head", is_flag=True, help="W8A8 lm_head (per-row weight scales, norm_f.out scale); "
+              "GPTQ W4A8 / W4A16 with the 4-bit recipes.")
 @click.option("--tokenizer", type=click.Path(), help="Tokenizer JSON (default: tokenizer.json in MODEL).")
 @click.option("--device", default="cpu", show_default=True, help="Device for calibration.")
 @click.option("--overwrite", is_flag=True, help="Replace a non-empty output directory.")

@@ -23,6 +23,20 @@ def _num(v: Any) -> str:
     return f"{v:.4g}"
 
 
+def _group_rows(tables: dict[str, list[Any]]) -> list[tuple[Any, ...]]:
+    """Rows (SSD group, head group, quantity, one column per channel group) of [G, head groups, channel
+    groups] tables, one quantity after the other within each head group."""
+    first = next(iter(tables.values()))
+    return [(g, h, name, *(f"{v:.4g}" for v in table[g][h]))
+            for g in range(len(first)) for h in range(len(first[g])) for name, table in tables.items()]
+
+
+def _echo_groups(title: str, tables: dict[str, list[Any]]) -> None:
+    click.echo(f"\n{title} per [SSD group, head group, channel group]")
+    width = len(next(iter(tables.values()))[0][0])
+    echo_table(["SSD group", "head group", "scale", *(f"ch group {k}" for k in range(width))], _group_rows(tables))
+
+
 def _pct(v: float | None) -> str:
     return "-" if v is None else f"{100 * v:.3g}%"
 
@@ -56,6 +70,9 @@ def list_cmd(qmodel: str, layers: str | None, match: str | None, as_json: bool) 
     if s["percentile"]:
         where = "; ".join(f"{tap} in layers {layers}" for tap, layers in s["percentile"].items())
         click.echo(f"percentile observers: {where}")
+    for r in result["scales"]:
+        if r["groups"] is not None:
+            _echo_groups(r["name"], {r["tap"]: r["groups"]})
     for r in result["scales"]:
         for issue in r["issues"]:
             click.echo(f"warning: {r['name']}: {issue}")
@@ -111,6 +128,10 @@ def analyze_cmd(qmodel: str, stats: str | None, plot: str | None, docs: int, dev
     echo_table(["layer", "x_scale", "w_scale", "wx_scale", "x_out_scale", "x_out/wx"],
                [(r["layer"], _num(r["x_scale"]), _num(r["w_scale"]), _num(r["wx_scale"]), _num(r["x_out_scale"]),
                  _num(r["ratio"])) for r in result["layers"]])
+    for r in result["layers"]:
+        if r.get("groups"):
+            _echo_groups(f"layer {r['layer']}: x_scale (in_proj.x), wx_scale, x_out_scale (conv.x), x_out/wx",
+                         r["groups"])
     if "scales" in result:
         click.echo("")
         rows = []

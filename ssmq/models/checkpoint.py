@@ -98,10 +98,15 @@ def _normalize_keys(state: dict[str, torch.Tensor], cfg: MambaConfig) -> dict[st
 
 
 def expected_tensors(model: MambaLM) -> dict[str, torch.Tensor]:
-    """The tensors a checkpoint of `model` holds (a tied lm_head is stored once, as the embedding)."""
+    """The tensors a checkpoint of `model` holds (a tied lm_head is stored once, as the embedding; so are
+    the row scales of an int8 table that the embedding and lm_head share)."""
     state = model.state_dict()
-    if model.lm_head.weight is model.backbone.embeddings.weight:
+    head, emb = model.lm_head, model.backbone.embeddings
+    if head.weight is emb.weight:
         state.pop("lm_head.weight", None)
+        scale = getattr(head, "weight_scale", None)
+        if scale is not None and scale is getattr(emb, "weight_scale", None):
+            state.pop("lm_head.weight_scale", None)
     return state
 
 

@@ -12,19 +12,47 @@ import torch
 from torch import nn
 
 from ssmq.models.taps import Taps
-from ssmq.ops import conv, norm, scan
+from ssmq.ops import dispatch as ops
 
 
 class RMSNorm(nn.Module):
-    """RMSNorm over the last dimension (fp32 math, output in the weight's dtype)."""
+    """Residual add + RMSNorm over the last dimension (fp32 math, output in the weight's dtype).
 
-    def __init__(self, dim: int, eps: float):
+    Takes the previous block's output and the residual stream before it, and returns the normed sum
+    and the new stream (fp32 when `residual_in_fp32`, else in hidden's dtype), so that the add runs
+    inside the norm's kernel. `residual` None (first block, or a stream already summed) means the
+    stream is `hidden` itself."""
+
+    def __init__(self, dim: int, eps: float, residual_in_fp32: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps = eps
+        self.eps, self.residual_in_fp32 = eps, residual_in_fp32
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return norm.rms_norm(x, self.weight, self.eps)
+    def forward(self, hidden: torch.Tensor,
+                residual: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        return ops.add_rms_norm(hidden, residual, self.weight, self.eps, self.residual_in_fp32)
+
+
+class Decay:
+    """The SSM decay A = -exp(A_log) in fp32, computed once per value of A_log rather than on every call
+    (two kernels per layer and decoding step otherwise). The cached value is reused while A_log keeps
+    its storage and its in-place version (a `copy_`, a `load_state_dict`, `.to()` or `p.data = ...` all
+    change one of them); with autograd recording it is recomputed every call."""
+
+    def __init__(self) -> None:
+        self._src: torch.Tensor | None = None  # keeps the source storage alive, so its address is not reused
+        self._version = -1
+        self._value: torch.Tensor | None = None
+
+    def __call__(self, a_log: torch.Tensor) -> torch.Tensor:
+        if a_log.requires_grad and torch.is_grad_enabled():
+            return -torch.exp(a_log.float())
+        src = self._src
+        if (self._value is None or src is None or src.data_ptr() != a_log.data_ptr() or src.shape != a_log.shape
+                or src.dtype != a_log.dtype or src.device != a_log.device or self._version != a_log._version):
+            self._value = -torch.exp(a_log.detach().float())
+            self._src, self._version = a_log.detach(), a_log._version
+        return self._value
 
 
 class GatedRMSNorm(nn.Module):
@@ -37,14 +65,15 @@ class GatedRMSNorm(nn.Module):
         self.group_size = group_size
 
     def forward(self, y: torch.Tensor, z: torch.Tensor) -> torch.Tensor:
-        return norm.gated_rms_norm(y, z, self.weight, self.eps, self.group_size)
+        return ops.gated_rms_norm(y, z, self.weight, self.eps, self.group_size)
 
 
 class CausalConv1d(nn.Module):
     """Depthwise causal conv1d followed by SiLU; `weight` has the checkpoint shape (channels, 1, kernel).
 
-    Conv and activation are one module because quantized kernels fuse them (and the output
-    quantization); the pre-activation is still visible through the `conv.pre_act` tap."""
+    Conv and activation are one module because kernels fuse them (and, quantized, the output
+    quantization). The pre-activation is visible through the `conv.pre_act` tap: while a hook listens
+    there, conv and SiLU run as two ops with the tap between them; otherwise as one fused op."""
 
     def __init__(self, channels: int, kernel: int, bias: bool, taps: Taps, prefix: str):
         super().__init__()
@@ -55,7 +84,9 @@ class CausalConv1d(nn.Module):
 
     def forward(self, x: torch.Tensor, state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
         """x: (batch, length, channels). Returns silu(conv(x)) in x's dtype and the new conv state."""
-        pre, new_state = conv.causal_conv1d(x, self.weight[:, 0], self.bias, state)
+        if not self.taps.has_hook(self.pre_act_tap):
+            return ops.causal_conv1d_silu(x, self.weight[:, 0], self.bias, state)
+        pre, new_state = ops.causal_conv1d(x, self.weight[:, 0], self.bias, state)
         pre = self.taps(self.pre_act_tap, pre)
         return nn.functional.silu(pre).to(x.dtype), new_state
 
@@ -79,7 +110,7 @@ class SelectiveScan(nn.Module):
     def forward(self, u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 D: torch.Tensor, z: torch.Tensor, delta_bias: torch.Tensor,
                 state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        y, last = scan.selective_scan(u, delta, A, B, C, D, z, delta_bias, True, state)
+        y, last = ops.selective_scan(u, delta, A, B, C, D, z, delta_bias, True, state)
         return y.to(u.dtype), last
 
 
@@ -94,5 +125,5 @@ class SSDScan(nn.Module):
     def forward(self, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 D: torch.Tensor, dt_bias: torch.Tensor,
                 state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        y, last = scan.ssd_scan(x, dt, A, B, C, self.chunk_size, D, dt_bias, True, self.dt_limit, state)
+        y, last = ops.ssd_scan(x, dt, A, B, C, self.chunk_size, D, dt_bias, True, self.dt_limit, state)
         return y.to(x.dtype), last

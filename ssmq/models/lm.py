@@ -20,23 +20,30 @@ from ssmq.models.taps import Taps, tap_names
 
 
 class Block(nn.Module):
-    """RMSNorm -> mixer -> residual add. The residual stream is fp32 when `residual_in_fp32`."""
+    """(residual add + RMSNorm) -> mixer. The residual stream is fp32 when `residual_in_fp32`.
+
+    The add of a block's mixer output to the stream runs in the *next* block's norm (or the final norm),
+    one fused op: a block takes (previous mixer output, stream before it) and returns its own pair.
+    The `block.out` tap still sees the stream after the block: while a hook listens there, the block
+    adds it itself, taps it, and hands it on as a stream with nothing left to add."""
 
     def __init__(self, cfg: MambaConfig, layer: int, taps: Taps):
         super().__init__()
         self.taps, self.prefix = taps, f"layers.{layer}."
         self.residual_in_fp32 = cfg.residual_in_fp32
-        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.residual_in_fp32)
         mixer_cls = Mamba1Mixer if cfg.arch == "mamba1" else Mamba2Mixer
         self.mixer = mixer_cls(cfg, layer, taps)
 
-    def forward(self, residual: torch.Tensor, cache: MambaCache | None) -> torch.Tensor:
-        if self.residual_in_fp32:
-            residual = residual.float()
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None,
+                cache: MambaCache | None) -> tuple[torch.Tensor, torch.Tensor | None]:
         p = self.prefix
-        h = self.taps(p + "norm.out", self.norm(residual))
+        normed, residual = self.norm(hidden, residual)
+        h = self.taps(p + "norm.out", normed)
         h = self.taps(p + "mixer.out", self.mixer(h, cache))
-        return self.taps(p + "block.out", residual + h)
+        if self.taps.has_hook(p + "block.out"):
+            return self.taps(p + "block.out", residual + h), None
+        return h, residual
 
 
 class Backbone(nn.Module):
@@ -45,13 +52,13 @@ class Backbone(nn.Module):
         self.taps = taps
         self.embeddings = nn.Embedding(cfg.vocab_size, cfg.d_model)
         self.layers = nn.ModuleList(Block(cfg, i, taps) for i in range(cfg.n_layer))
-        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps)
+        self.norm_f = RMSNorm(cfg.d_model, cfg.norm_eps, cfg.residual_in_fp32)
 
     def forward(self, input_ids: torch.Tensor, cache: MambaCache | None) -> torch.Tensor:
-        hidden = self.embeddings(input_ids)
+        hidden, residual = self.embeddings(input_ids), None
         for block in self.layers:
-            hidden = block(hidden, cache)
-        return self.taps("norm_f.out", self.norm_f(hidden))
+            hidden, residual = block(hidden, residual, cache)
+        return self.taps("norm_f.out", self.norm_f(hidden, residual)[0])
 
 
 class MambaLM(nn.Module):

@@ -11,7 +11,7 @@ from torch import nn
 
 from ssmq.models.cache import MambaCache
 from ssmq.models.config import MambaConfig
-from ssmq.models.layers import CausalConv1d, DeltaProjection, SelectiveScan
+from ssmq.models.layers import CausalConv1d, Decay, DeltaProjection, SelectiveScan
 from ssmq.models.taps import Taps
 
 
@@ -26,6 +26,7 @@ class Mamba1Mixer(nn.Module):
         self.dt_proj = DeltaProjection(cfg.dt_rank, cfg.d_inner)
         self.A_log = nn.Parameter(torch.empty(cfg.d_inner, cfg.d_state))
         self.D = nn.Parameter(torch.ones(cfg.d_inner))
+        self.decay = Decay()
         self.scan = SelectiveScan()
         self.out_rotation: nn.Module = nn.Identity()
         self.out_proj = nn.Linear(cfg.d_inner, cfg.d_model, bias=cfg.proj_bias)
@@ -40,7 +41,7 @@ class Mamba1Mixer(nn.Module):
         x_dbl = tap(p + "x_proj.out", self.x_proj(u))
         dt_low, B, C = x_dbl.split([self.dt_rank, self.d_state, self.d_state], dim=-1)
         delta = tap(p + "dt_proj.out", self.dt_proj(dt_low))
-        A = -torch.exp(self.A_log.float())
+        A = self.decay(self.A_log)
         y, state = self.scan(u, delta, A, B, C, self.D, z, self.dt_proj.bias,
                              cache.ssm[self.layer] if cache else None)
         state = tap(p + "ssm.state", state)

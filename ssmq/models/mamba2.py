@@ -9,8 +9,9 @@ from torch import nn
 
 from ssmq.models.cache import MambaCache
 from ssmq.models.config import MambaConfig
-from ssmq.models.layers import CausalConv1d, GatedRMSNorm, SSDScan
+from ssmq.models.layers import CausalConv1d, Decay, GatedRMSNorm, SSDScan
 from ssmq.models.taps import Taps
+from ssmq.ops.qtensor import cat_channels
 
 
 class Mamba2Mixer(nn.Module):
@@ -26,6 +27,7 @@ class Mamba2Mixer(nn.Module):
         self.dt_bias = nn.Parameter(torch.zeros(cfg.nheads))
         self.A_log = nn.Parameter(torch.zeros(cfg.nheads))
         self.D = nn.Parameter(torch.ones(cfg.nheads))
+        self.decay = Decay()
         self.scan = SSDScan(cfg.chunk_size, cfg.dt_limit)
         self.norm = GatedRMSNorm(cfg.d_inner, cfg.norm_eps, cfg.d_inner // cfg.ngroups)
         self.out_rotation: nn.Module = nn.Identity()
@@ -38,10 +40,10 @@ class Mamba2Mixer(nn.Module):
         z, x, B, C, dt = self.in_proj(hidden).split(self.splits, dim=-1)
         z, x = tap(p + "in_proj.z", z), tap(p + "in_proj.x", x)
         B, C, dt = tap(p + "in_proj.B", B), tap(p + "in_proj.C", C), tap(p + "in_proj.dt", dt)
-        xBC, conv_state = self.conv1d(torch.cat([x, B, C], dim=-1), cache.conv[self.layer] if cache else None)
+        xBC, conv_state = self.conv1d(cat_channels([x, B, C]), cache.conv[self.layer] if cache else None)
         x, B, C = xBC.split(self.splits[1:4], dim=-1)
         x, B, C = tap(p + "conv.x", x), tap(p + "conv.B", B), tap(p + "conv.C", C)
-        A = -torch.exp(self.A_log.float())
+        A = self.decay(self.A_log)
         y, state = self.scan(x.reshape(batch, length, self.nheads, self.headdim), dt, A,
                              B.reshape(batch, length, self.ngroups, self.d_state),
                              C.reshape(batch, length, self.ngroups, self.d_state),

@@ -202,6 +202,11 @@ class Taps:
         finally:
             handle.remove()
 
+    def has_hook(self, name: str) -> bool:
+        """Whether a hook listens on tap `name`: when none does, a module may compute through that point
+        in one fused kernel, since nothing can see or replace the intermediate value."""
+        return name in self._hooks
+
     def active(self) -> list[str]:
         """Names that currently have hooks."""
         return list(self._hooks)

@@ -3,7 +3,9 @@
 Per layer, the conv1d scale chain: the conv input scale x_scale (`in_proj.out`; Mamba2 `in_proj.x`),
 wx_scale = conv weight scale · x_scale (the factor that turns the int32 conv accumulator into the
 pre-activation), the conv output scale x_out_scale (`conv.out`; Mamba2 `conv.x`, grouped) and the
-ratio x_out_scale / wx_scale.
+ratio x_out_scale / wx_scale. For a grouped Mamba2 x_out_scale, `groups` gives all four as
+[SSD group, head group, channel group] tables (Quamba2's x_out_scales layout): x_scale and wx_scale of a
+group are the largest over its channels (equal to the per-tensor value when that is what the model has).
 
 With the calibration statistics of the same model, per scale: the fraction of calibration values
 it clips (|x| > 127·s), the INT8 range utilisation (99.9th percentile of |x| / (127·s)), and the
@@ -33,6 +35,8 @@ from ssmq.errors import SsmqError
 from ssmq.models.tokenizer import TOKENIZER_FILE, load_tokenizer
 from ssmq.ops.quantize import QMAX
 from ssmq.quant.inspect import ModelRef, ScaleSource, check_stats, open_scales, value_summary
+from ssmq.quant.mamba2_modules import channel_scale
+from ssmq.quant.observers import mamba2_grouping
 from ssmq.quant.qmodel import QuantizedMambaLM, load_quantized
 from ssmq.quant.rules import ObserverSpec
 from ssmq.quant.stats import CalibrationStats
@@ -83,8 +87,27 @@ def _conv_row(source: ScaleSource, layer: int) -> dict[str, Any] | None:
     x, out = source.book[x_tap], source.book[out_tap]
     wx = w * x
     ratio = out / wx if wx.numel() == 1 or out.numel() == 1 or out.shape == wx.shape else None
+    groups = _group_tables(source, x_tap, x, w, out)
+    if groups is not None:
+        ratio = torch.tensor(groups["ratio"])
     return {"layer": layer, "x_scale": value_summary(x), "w_scale": value_summary(w), "wx_scale": value_summary(wx),
-            "x_out_scale": value_summary(out), "ratio": None if ratio is None else value_summary(ratio)}
+            "x_out_scale": value_summary(out), "ratio": None if ratio is None else value_summary(ratio),
+            "groups": groups}
+
+
+def _group_tables(source: ScaleSource, x_tap: str, x: torch.Tensor, w: torch.Tensor,
+                  out: torch.Tensor) -> dict[str, list[Any]] | None:
+    """x_scale, wx_scale, x_out_scale and x_out / wx as [SSD group, head group, channel group] nested lists,
+    for a Mamba2 layer whose conv.x scale is grouped; None otherwise."""
+    cfg = source.config
+    if cfg is None or cfg.arch != "mamba2" or out.dim() != 3:
+        return None
+    grouping = mamba2_grouping(x_tap.replace("in_proj.x", "conv.x"), cfg, out.shape[1], out.shape[2])
+    x_c = channel_scale(x_tap, x, cfg).expand(cfg.d_inner)
+    w_c = channel_scale(x_tap, w.reshape(-1) if w.numel() > 1 else w, cfg).expand(cfg.d_inner)
+    x_g, wx_g = grouping.apply(x_c), grouping.apply(w_c * x_c)
+    return {"x_scale": x_g.tolist(), "wx_scale": wx_g.tolist(), "x_out_scale": out.tolist(),
+            "ratio": (out / wx_g).tolist()}
 
 
 def _scale_row(source: ScaleSource, stats: CalibrationStats, name: str) -> dict[str, Any]:

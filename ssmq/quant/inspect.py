@@ -133,6 +133,7 @@ class ScaleSource:
     conv_weight_scales: dict[int, torch.Tensor]   # layer -> conv weight scale of the x channels
     quant_config: dict[str, Any] = field(default_factory=dict)
     issues: dict[str, list[str]] = field(default_factory=dict)
+    config: MambaConfig | None = None             # the architecture, when the source records it
 
     @property
     def plan(self) -> dict[str, dict[str, Any]]:
@@ -160,7 +161,7 @@ def _from_model(qm: QuantizedMambaLM) -> ScaleSource:
         if hasattr(conv, "weight_scale"):
             weights[i] = _conv_x_part(conv.weight_scale.detach().float().cpu(), cfg)
     return ScaleSource("<in-memory model>", "ssmq", cfg.arch, cfg.n_layer, qm.scales,
-                       {n: _stored_ssmq(n) for n in qm.scales}, weights, qm.full_quant_config())
+                       {n: _stored_ssmq(n) for n in qm.scales}, weights, qm.full_quant_config(), config=cfg)
 
 
 def _from_dir(directory: Path) -> ScaleSource:
@@ -181,7 +182,7 @@ def _from_dir(directory: Path) -> ScaleSource:
                 weights[i] = _conv_x_part(f.get_tensor(key).float(), cfg)
     book = ScaleBook.from_checkpoint(tensors, qc["scales"], str(directory))
     return ScaleSource(str(directory), "ssmq", cfg.arch, cfg.n_layer, book, {n: _stored_ssmq(n) for n in book},
-                       weights, qc)
+                       weights, qc, config=cfg)
 
 
 def _from_quamba(path: Path) -> ScaleSource:
@@ -277,6 +278,7 @@ def _row(source: ScaleSource, name: str) -> dict[str, Any]:
     return {"name": name, "layer": layer_of(name), "tap": name.split(".", 2)[2] if layer_of(name) is not None else name,
             "quamba_key": spec_of(source.arch, name).quamba_key, "observer": entry.observer, "params": entry.params,
             "value": value_summary(entry.value), "producer": producer.label(),
+            "groups": entry.value.tolist() if entry.value.dim() == 3 else None,  # Mamba2 [SSD grp, head grp, ch grp]
             "consumers": [u.label() for u in consumers],
             "stored": source.stored.get(name, []), "edits": len(entry.edits), "issues": source.issues.get(name, [])}
 

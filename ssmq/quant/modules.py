@@ -13,11 +13,10 @@ import torch
 from torch import nn
 
 from ssmq.models.taps import Taps
-from ssmq.ops import conv as fconv
-from ssmq.ops import scan as fscan
-from ssmq.ops import hadamard, int8_conv, int8_embedding, int8_linear, int8_norm, int8_scan
-from ssmq.ops.norm import rms_norm
-from ssmq.ops.quantize import dequantize, quantize, scale_from_amax
+from ssmq.ops import dispatch as ops
+from ssmq.ops.int8_embedding import quantize_embedding
+from ssmq.ops.int8_linear import quantize_weight
+from ssmq.ops.quantize import scale_from_amax
 from ssmq.ops.qtensor import QTensor
 from ssmq.quant.scalebook import ScaleBook
 
@@ -34,13 +33,15 @@ class ActQuant:
         return self.name is not None
 
     def scale_for(self, x: torch.Tensor) -> torch.Tensor:
+        """The scale to quantize x with: the book's value (on the model's device, see
+        QuantizedMambaLM.to), or x's per-row abs-max scale."""
         if self.name is not None:
-            return self.book[self.name].to(x.device)
+            return self.book[self.name]
         return scale_from_amax(x.detach().abs().amax(dim=-1, keepdim=True).float())
 
     def __call__(self, x: torch.Tensor) -> QTensor:
         scale = self.scale_for(x)
-        return QTensor(quantize(x, scale), scale)
+        return QTensor(ops.quantize(x, scale), scale)
 
 
 def _as_codes(x: QTensor | torch.Tensor, q: ActQuant) -> QTensor:
@@ -49,19 +50,21 @@ def _as_codes(x: QTensor | torch.Tensor, q: ActQuant) -> QTensor:
 
 
 class QuantRMSNorm(nn.Module):
-    """RMSNorm then quantization to the `norm.out` scale (the reference of the fused add+norm+quant kernel)."""
+    """Residual add + RMSNorm + quantization to the `norm.out` scale: the call of ssmq.models.layers.RMSNorm
+    ((hidden, residual) -> (normed, new residual)) with the normed value as int8 codes."""
 
-    def __init__(self, dim: int, eps: float, out: ActQuant):
+    def __init__(self, dim: int, eps: float, out: ActQuant, residual_in_fp32: bool = True):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
-        self.eps, self.out = eps, out
+        self.eps, self.out, self.residual_in_fp32 = eps, out, residual_in_fp32
 
-    def forward(self, x: torch.Tensor) -> QTensor:
+    def forward(self, hidden: torch.Tensor, residual: torch.Tensor | None = None) -> tuple[QTensor, torch.Tensor]:
         if not self.out.static:
-            return self.out(rms_norm(x, self.weight.float(), self.eps))
-        scale = self.out.scale_for(x)
-        codes, _ = int8_norm.int8_add_rms_norm(x, None, self.weight, self.eps, scale)
-        return QTensor(codes, scale)
+            normed, stored = ops.add_rms_norm(hidden, residual, self.weight.float(), self.eps, self.residual_in_fp32)
+            return self.out(normed), stored
+        scale = self.out.scale_for(hidden)
+        codes, stored = ops.int8_add_rms_norm(hidden, residual, self.weight, self.eps, scale, self.residual_in_fp32)
+        return QTensor(codes, scale), stored
 
 
 class W8A8Linear(nn.Module):
@@ -81,7 +84,7 @@ class W8A8Linear(nn.Module):
 
     @torch.no_grad()
     def load_float(self, weight: torch.Tensor, bias: torch.Tensor | None) -> W8A8Linear:
-        codes, scale = int8_linear.quantize_weight(weight.float(), per_channel=self.weight_scale.numel() > 1)
+        codes, scale = quantize_weight(weight.float(), per_channel=self.weight_scale.numel() > 1)
         self.weight.copy_(codes)
         self.weight_scale.copy_(scale.reshape(-1))
         if bias is not None and self.bias is not None:
@@ -93,10 +96,12 @@ class W8A8Linear(nn.Module):
         bias = self.bias.float() if self.bias is not None and self.adds_bias else None
         if self.out is not None and self.out.static:
             scale = self.out.scale_for(x.codes)
-            codes = int8_linear.int8_linear(x.codes, x.scale, self.weight, self.weight_scale, bias, out_scale=scale)
+            codes = ops.int8_linear(x.codes, x.scale, self.weight, self.weight_scale, bias, out_scale=scale)
             return QTensor(codes, scale)
-        y = int8_linear.int8_linear(x.codes, x.scale, self.weight, self.weight_scale, bias, out_dtype=torch.float32)
-        return self.out(y) if self.out is not None else y.to(self.out_dtype)
+        if self.out is None:  # the kernel stores out_dtype directly (the same rounding as fp32, then a cast)
+            return ops.int8_linear(x.codes, x.scale, self.weight, self.weight_scale, bias, out_dtype=self.out_dtype)
+        y = ops.int8_linear(x.codes, x.scale, self.weight, self.weight_scale, bias, out_dtype=torch.float32)
+        return self.out(y)
 
 
 class W8A8DeltaProjection(W8A8Linear):
@@ -119,7 +124,7 @@ class QuantCausalConv1d(nn.Module):
 
     @torch.no_grad()
     def load_float(self, weight: torch.Tensor, bias: torch.Tensor | None) -> QuantCausalConv1d:
-        codes, scale = int8_linear.quantize_weight(weight[:, 0].float(), per_channel=self.weight_scale.numel() > 1)
+        codes, scale = quantize_weight(weight[:, 0].float(), per_channel=self.weight_scale.numel() > 1)
         self.weight.copy_(codes.unsqueeze(1))
         self.weight_scale.copy_(scale.reshape(-1))
         if bias is not None and self.bias is not None:
@@ -127,15 +132,21 @@ class QuantCausalConv1d(nn.Module):
         return self
 
     def forward(self, x: QTensor, state: torch.Tensor | None) -> tuple[QTensor, torch.Tensor]:
-        """Static scales: int8 conv on the codes, state = int8 codes. Dynamic (per-token input scales):
-        the codes are dequantized first and the state holds fp32 inputs."""
+        """Static scales: int8 conv on the codes, state = int8 codes; conv, SiLU and quantization are one
+        fused op unless a hook listens on `conv.pre_act`. Dynamic (per-token input scales): the codes are
+        dequantized first and the state holds fp32 inputs."""
         bias = None if self.bias is None else self.bias.float()
         w_scale = self.weight_scale if self.weight_scale.numel() > 1 else self.weight_scale[0]
         if self.out.static:
-            pre, new_state = int8_conv.int8_causal_conv1d(x.codes, x.scale, self.weight[:, 0], w_scale, bias, state)
+            if not self.taps.has_hook(self.pre_act_tap):
+                scale = self.out.scale_for(x.codes)
+                codes, new_state = ops.int8_causal_conv1d_silu(x.codes, x.scale, self.weight[:, 0], w_scale, bias,
+                                                               scale, state)
+                return QTensor(codes, scale), new_state
+            pre, new_state = ops.int8_causal_conv1d(x.codes, x.scale, self.weight[:, 0], w_scale, bias, state)
         else:
-            w = dequantize(self.weight[:, 0], w_scale.reshape(-1, 1))
-            pre, new_state = fconv.causal_conv1d(x.dequantize(), w, bias, state)
+            w = ops.dequantize(self.weight[:, 0], w_scale.reshape(-1, 1))
+            pre, new_state = ops.causal_conv1d(x.dequantize(), w, bias, state)
         pre = self.taps(self.pre_act_tap, pre)
         return self.out(nn.functional.silu(pre)), new_state
 
@@ -154,26 +165,30 @@ class QuantSelectiveScan(nn.Module):
         z = _as_codes(z, self.z)
         if self.state.static:
             scale = self.state.scale_for(u.codes)
-            y, codes = int8_scan.int8_selective_scan(
+            y, codes = ops.int8_selective_scan(
                 u.codes, u.scale, delta.codes, delta.scale, A, B.codes, B.scale, C.codes, C.scale, scale,
                 D=D.float(), z_q=z.codes, z_scale=z.scale, delta_bias=delta_bias.float(),
                 state_q=None if state is None else state.codes)
             return y, QTensor(codes, scale)
-        y, last = fscan.selective_scan(u.dequantize(), delta.dequantize(), A, B.dequantize(), C.dequantize(),
+        y, last = ops.selective_scan(u.dequantize(), delta.dequantize(), A, B.dequantize(), C.dequantize(),
                                        D.float(), z.dequantize(), delta_bias.float(), True,
                                        None if state is None else state.dequantize())
         return y.to(torch.float16), self.state(last)
 
 
 class QuantHadamard(nn.Module):
-    """The online rotation before out_proj (or the identity) followed by quantization to `out_proj.in`."""
+    """The online rotation before out_proj (or the identity) followed by quantization to `out_proj.in`
+    (one fused op with a static scale)."""
 
     def __init__(self, rotate: bool, out: ActQuant):
         super().__init__()
         self.rotate, self.out = rotate, out
 
     def forward(self, y: torch.Tensor) -> QTensor:
-        return self.out(hadamard.hadamard_transform(y.float()) if self.rotate else y.float())
+        if self.out.static:
+            scale = self.out.scale_for(y)
+            return QTensor(ops.hadamard_quantize(y, scale, self.rotate), scale)
+        return self.out(ops.hadamard_transform(y.float()) if self.rotate else y.float())
 
 
 class QuantEmbedding(nn.Module):
@@ -186,10 +201,10 @@ class QuantEmbedding(nn.Module):
 
     @torch.no_grad()
     def load_float(self, weight: torch.Tensor) -> QuantEmbedding:
-        codes, scale = int8_embedding.quantize_embedding(weight.float())
+        codes, scale = quantize_embedding(weight.float())
         self.weight.copy_(codes)
         self.weight_scale.copy_(scale.reshape(-1))
         return self
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return int8_embedding.int8_embedding(ids, self.weight, self.weight_scale).to(torch.float16)
+        return ops.int8_embedding(ids, self.weight, self.weight_scale)

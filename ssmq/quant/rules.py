@@ -154,6 +154,15 @@ PRESETS: dict[str, Preset] = {
     "minmax": Preset(None, ("*=minmax",), "minmax for every tap"),
 }
 DEFAULT_PRESET = {"mamba1": "quamba1", "mamba2": "quamba2"}
+# A preset's version for another architecture, where its idea carries over (the taps differ).
+ARCH_VARIANTS: dict[tuple[str, str], Preset] = {
+    ("quamba1", "mamba2"): Preset("mamba2", (
+        "*=minmax",
+        "layers.*.conv.x=percentile(alpha=0.9995, sigma=0.01)",
+        "layers.*.ssm.state=percentile(alpha=0.9995, sigma=0.01)",
+    ), "Quamba's per-tensor scales on Mamba2: percentile for the SSD input x (conv.x) and the state, "
+       "minmax elsewhere"),
+}
 
 
 class RuleSet:
@@ -186,7 +195,7 @@ class RuleSet:
             if isinstance(entry, Rule):
                 out.append(entry)
                 continue
-            preset = PRESETS[entry]
+            preset = ARCH_VARIANTS.get((entry, arch), PRESETS[entry])
             if preset.arch not in (None, arch):
                 raise SsmqError(f"preset {entry!r} is for {preset.arch} models; this model is {arch} "
                                 f"(use {DEFAULT_PRESET[arch]!r})")

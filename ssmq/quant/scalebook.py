@@ -115,6 +115,13 @@ class ScaleBook:
                 self._entries[name].value.copy_(value)
                 self._entries[name].edits = edits
 
+    def to(self, device: torch.device | str) -> ScaleBook:
+        """Move every value to `device` (fp32 kept), so modules on that device read their scales without
+        a host-to-device copy per call; later edits and overrides write into the moved tensors."""
+        for entry in self._entries.values():
+            entry.value = entry.value.to(device)
+        return self
+
     def tensors(self) -> dict[str, torch.Tensor]:
         """The scale tensors as checkpoint entries (`scales.<name>`), fp32 on CPU."""
         return {TENSOR_PREFIX + n: e.value.detach().float().cpu().contiguous() for n, e in self._entries.items()}

@@ -36,7 +36,6 @@ STATS_JSON = "stats.json"
 STATS_TENSORS = "stats.safetensors"
 DEFAULT_ALPHAS = (0.99, 0.999, 0.9995, 0.9999, 0.99999, 1.0)
 DEFAULT_SIGMA = 0.01
-MIN_SCALE = 1e-6
 _FIELDS = ("channel_absmax", "sample_quantiles", "histogram", "value")
 
 

@@ -102,6 +102,8 @@ def sweep_alpha(model: str | Path, alphas: str | Sequence[float], output: str | 
     fp, tok = load(source_dir, tokenizer=tokenizer)
     if tok is None:
         raise SsmqError(f"{model}: no tokenizer (the model has no tokenizer.json); pass one with --tokenizer")
+    if not scales:  # the recipe's percentile taps, named for this architecture
+        patterns = list(r.percentile_patterns(fp.config.arch))
     names = scale_names(build_plan(fp.config, r, False, False))
     for pattern in patterns:
         match_taps(pattern, names)  # a pattern matching no scale fails here, before any work

@@ -4,16 +4,23 @@ Each leaves the fp model's logits unchanged (up to fp rounding) while changing w
 - fold_norms: each block's RMSNorm weight moves into the columns of in_proj, so `norm.out` is the
   plain normalised activation (per-channel gains end up in the per-channel-friendly weights);
 - rotate_out_proj: y -> H y before out_proj (H orthonormal Hadamard), with out_proj's weight
-  replaced by W H^T offline, so `out_proj.in` sees the rotated, outlier-spread activation.
+  replaced by W H^T offline, so `out_proj.in` sees the rotated, outlier-spread activation;
+- reorder_heads (Mamba2): Quamba2's head and channel order, computed from calibration statistics
+  (ssmq.quant.reorder); it runs before rotate_out_proj, whose W H^T is then taken of permuted columns.
 """
 
 from __future__ import annotations
+
+from collections.abc import Mapping
+from typing import Any
 
 import torch
 from torch import nn
 
 from ssmq.models.lm import MambaLM
-from ssmq.ops.hadamard import check_hadamard_size, hadamard_transform, rotate_weight_input
+from ssmq.ops import dispatch as ops
+from ssmq.ops.hadamard import check_hadamard_size, rotate_weight_input
+from ssmq.quant.reorder import reorder_heads
 
 
 class HadamardRotation(nn.Module):
@@ -25,7 +32,7 @@ class HadamardRotation(nn.Module):
         self.dim = dim
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return hadamard_transform(y)
+        return ops.hadamard_transform(y)
 
 
 @torch.no_grad()
@@ -48,10 +55,16 @@ def rotate_out_proj(model: MambaLM) -> None:
         weight.copy_(rotate_weight_input(weight.float()).to(weight.dtype))
 
 
-TRANSFORMS = {"fold_norms": fold_norms, "rotate_out_proj": rotate_out_proj}
+TRANSFORMS = {"fold_norms": fold_norms, "reorder_heads": reorder_heads, "rotate_out_proj": rotate_out_proj}
+PARAMETRIZED = ("reorder_heads",)  # transforms that take parameters computed from calibration data
 
 
-def apply_transforms(model: MambaLM, names: tuple[str, ...] | list[str]) -> None:
-    """Apply the named transforms in place, in order."""
+def apply_transforms(model: MambaLM, names: tuple[str, ...] | list[str],
+                     params: Mapping[str, Any] | None = None) -> None:
+    """Apply the named transforms in place, in order; `params` gives those in PARAMETRIZED their
+    parameters (as recorded in the calibration statistics' provenance)."""
     for name in names:
-        TRANSFORMS[name](model)
+        if name in PARAMETRIZED:
+            TRANSFORMS[name](model, (params or {}).get(name))
+        else:
+            TRANSFORMS[name](model)

@@ -1,0 +1,333 @@
+"""Mamba2 / 4-bit stages of benchmarks/gpu_check.py: the SSD-scan and W4A16 / W4A8 kernels checked against
+their reference ops at mamba2-2.7b shapes, then timed side by side with fp16 and W8A8.
+
+  m2checks  ssd_scan fp16 and int8_ssd_scan (grouped scales) prefill of 2048 tokens with an initial state,
+            and their decoding steps (batch 16, static state updated in place); W4A16 / W4A8 linear on
+            in_proj (2560 -> 10576) and out_proj (5120 -> 2560) at M = 1 (GEMV), 16 and 2048 (GEMM)
+  m2time    median us (do_bench; weights cycled through copies so that L2 does not hold them) of fp16
+            cuBLAS / W8A8 / W4A16 / W4A8 for those projections at M = 1 and 2048 (and mamba2-8b-like
+            GEMVs), the SSD scan fp16 vs int8 (prefill 2048 after a small tile sweep of each, decoding step
+            at batch 1), the layer's other decoding ops, and its decoding step as the sum of its ops' times
+            (the model-level `ssmq bench` for Mamba2 recipes is not wired yet)
+
+Each stage stops starting new cases past its time budget (--m2-budget-s, split between the two). Modes:
+"gpu"; "dry" (`gpu_check.py --dry-run`: tiny shapes on the Triton interpreter, no time budget, to test this
+file); "compile" (benchmarks/triton_cache.py: the real shapes' Triton calls once each, on a machine
+without a GPU, to fill a Triton cache for the GPU run; no references, no cuBLAS, no comparisons).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+
+import torch
+
+from ssmq.ops import dispatch, int4_linear, int8_scan, norm, scan
+from ssmq.ops.int4 import pack_int4
+
+# mamba2-2.7b: d_model 2560, expand 2, headdim 64, d_state 128, ngroups 1; mamba2-8b-like: d_model 4096, ngroups 8
+REAL = dict(d_model=2560, d_inner=5120, headdim=64, d_state=128, ngroups=1, L=2048, B=16)
+REAL_8B = dict(d_model=4096, d_inner=8192, headdim=64, d_state=128, ngroups=8)
+TINY = dict(d_model=128, d_inner=128, headdim=16, d_state=16, ngroups=2, L=40, B=2)
+SSD_CONFIGS = [dict(BLOCK_P=bp, T=t, num_warps=w, num_stages=st) for bp, t, w, st in (
+    (32, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 1), (64, 64, 8, 2), (64, 32, 8, 2))]
+
+
+def in_proj_dim(d: dict[str, int]) -> int:
+    return 2 * d["d_inner"] + 2 * d["ngroups"] * d["d_state"] + d["d_inner"] // d["headdim"]
+
+
+def _random_int4(n: int, k: int, device: torch.device, gen: torch.Generator) -> dict[str, torch.Tensor]:
+    """Packed random int4 weights with W4A16 group scales and W4A8 two-level scales (values do not matter
+    for timing; for checks every code and group scale value is exercised)."""
+    codes = torch.randint(-8, 8, (n, k), device=device, generator=gen, dtype=torch.int8)
+    groups = max(1, k // 128)
+    return dict(packed=pack_int4(codes), scale=torch.rand(n, groups, device=device, generator=gen) * 0.01 + 1e-3,
+                s_c=torch.rand(n, device=device, generator=gen) * 1e-4 + 1e-5,
+                g=torch.randint(1, 128, (n, groups), device=device, generator=gen, dtype=torch.int16))
+
+
+class _Ssd:
+    """SSD inputs of one shape: float and int8 (grouped scales) versions, and the scales."""
+
+    def __init__(self, d: dict[str, int], batch: int, length: int, device: torch.device, gen: torch.Generator):
+        heads, p, n, g = d["d_inner"] // d["headdim"], d["headdim"], d["d_state"], d["ngroups"]
+
+        def randn(*shape: int) -> torch.Tensor:
+            return torch.randn(shape, device=device, generator=gen)
+
+        self.A = -torch.arange(1, heads + 1, device=device, dtype=torch.float32) / 4
+        self.D = randn(heads)
+        self.dt_bias = randn(heads) * 0.5 - 3.0  # softplus ~ 0.05, as trained models
+        self.dt = randn(batch, length, heads).half()
+        self.x, self.B, self.C = randn(batch, length, heads, p).half(), randn(batch, length, g, n).half(), randn(
+            batch, length, g, n).half()
+        self.state = randn(batch, heads, p, n) * 0.5
+        # grouped scales, Quamba2-like: x per (head, channel) from a 4 x 4 (head group, channel group) table
+        table = torch.rand(4, 4, device=device, generator=gen) * 0.02 + 0.02
+        self.x_scale = table.repeat_interleave(heads // 4, 0).repeat_interleave(p // 4, 1).contiguous()
+        self.B_scale = torch.full((g, 1), 0.03, device=device)
+        self.C_scale = torch.full((g, 1), 0.03, device=device)
+        self.state_scale = (self.state.abs().amax(dim=(0, 2)) / 127).clamp(min=1e-6)[:, None, :]  # (heads, 1, n)
+        self.xq = dispatch.quantize(self.x, self.x_scale)
+        self.Bq, self.Cq = dispatch.quantize(self.B, self.B_scale), dispatch.quantize(self.C, self.C_scale)
+        self.state_q = dispatch.quantize(self.state, self.state_scale)
+
+    def float_args(self) -> tuple:
+        return self.x, self.dt, self.A, self.B, self.C, 256, self.D, self.dt_bias
+
+    def int8_args(self) -> tuple:
+        return (self.xq, self.x_scale, self.dt, self.A, self.Bq, self.B_scale, self.Cq, self.C_scale,
+                self.state_scale, 256)
+
+
+def checks(ck, mode: str, budget_s: float) -> list[dict]:
+    """Kernel-vs-reference cases for the new kernels through ssmq.ops.dispatch (`ck` is gpu_check's Checks)."""
+    d = TINY if mode == "dry" else REAL
+    dev, gen = ck.dev, ck.gen
+    deadline = time.time() + (budget_s if mode == "gpu" else float("inf"))
+    cases: list[tuple[str, str, Callable[[], object], Callable[[], object]]] = []
+    L, Bd = d["L"], d["B"]
+    heads = d["d_inner"] // d["headdim"]
+    pre = _Ssd(d, 1, L, dev, gen)
+    shape = f"(1,{L},{heads},{d['headdim']}) n={d['d_state']} g={d['ngroups']}"
+    cases.append(("ssd_scan fp16 prefill + state", shape,
+                  lambda: dispatch.ssd_scan(*pre.float_args(), state=pre.state),
+                  lambda: scan.ssd_scan(*pre.float_args(), state=pre.state)))
+    cases.append(("int8_ssd_scan prefill + state, grouped scales", shape,
+                  lambda: dispatch.int8_ssd_scan(*pre.int8_args(), D=pre.D, dt_bias=pre.dt_bias, state_q=pre.state_q),
+                  lambda: int8_scan.int8_ssd_scan(*pre.int8_args(), D=pre.D, dt_bias=pre.dt_bias,
+                                                  state_q=pre.state_q)))
+    step = _Ssd(d, Bd, 1, dev, gen)
+    fslot = dispatch.mark_static_state(step.state.clone())
+    qslot = dispatch.mark_static_state(step.state_q.clone())
+    sshape = f"({Bd},1,{heads},{d['headdim']}) n={d['d_state']}"
+    cases.append(("ssd_scan fp16 step, state in place", sshape,
+                  lambda: (dispatch.ssd_scan(*step.float_args(), state=fslot)[0], fslot),
+                  lambda: scan.ssd_scan(*step.float_args(), state=step.state)))
+    cases.append(("int8_ssd_scan step, state in place", sshape,
+                  lambda: (dispatch.int8_ssd_scan(*step.int8_args(), D=step.D, dt_bias=step.dt_bias,
+                                                  state_q=qslot)[0], qslot),
+                  lambda: int8_scan.int8_ssd_scan(*step.int8_args(), D=step.D, dt_bias=step.dt_bias,
+                                                  state_q=step.state_q)))
+    for label, nout, k in (("in_proj", in_proj_dim(d), d["d_model"]), ("out_proj", d["d_model"], d["d_inner"])):
+        w = _random_int4(nout, k, dev, gen)
+        bias = torch.randn(nout, device=dev, generator=gen)
+        for m in (1, 16, L) if label == "in_proj" else (1, L):
+            x16 = torch.randn(m, k, device=dev, generator=gen).half()
+            xq = torch.randint(-128, 128, (m, k), device=dev, generator=gen, dtype=torch.int8)
+            xs = torch.rand(m, 1, device=dev, generator=gen) * 0.02 + 1e-3
+            out_scale = torch.tensor(0.01, device=dev) if label == "in_proj" else None  # codes up to ~+-100
+            cases.append((f"w4a16_linear {label}", f"M={m} N={nout} K={k}",
+                          lambda x16=x16, w=w: dispatch.w4a16_linear(x16, w["packed"], w["scale"]),
+                          lambda x16=x16, w=w: int4_linear.w4a16_linear(x16, w["packed"], w["scale"])))
+            out_kind = "int8" if out_scale is not None else "fp16"
+            cases.append((f"w4a8_linear {label} -> {out_kind}", f"M={m} N={nout} K={k}",
+                          lambda xq=xq, xs=xs, w=w, bias=bias, os_=out_scale: dispatch.w4a8_linear(
+                              xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_),
+                          lambda xq=xq, xs=xs, w=w, bias=bias, os_=out_scale: int4_linear.w4a8_linear(
+                              xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_)))
+    for name, shp, kernel, reference in cases:
+        if mode == "compile":
+            kernel()
+        elif time.time() > deadline:
+            ck.rows.append({"name": name, "shape": shp, "ok": False, "result": "skipped: m2checks time budget"})
+        else:
+            ck.case(name, shp, kernel, reference)
+    return ck.rows
+
+
+def _bench(fn: Callable[[], object], mode: str) -> float:
+    """Median time of fn in us (one untimed call unless on a GPU)."""
+    if mode != "gpu":
+        fn()
+        return float("nan")
+    from triton.testing import do_bench
+
+    return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+
+
+def timings(device: torch.device, mode: str, budget_s: float, log: Callable[[str], None]) -> dict:
+    """Side-by-side kernel times (see the module docstring); rows of {op, variant, us}."""
+    from ssmq.ops.triton import linear as tlinear
+    from ssmq.ops.triton import ssd as tssd
+    from ssmq.ops.triton import w4 as tw4
+
+    deadline = time.time() + (budget_s if mode == "gpu" else float("inf"))
+    gen = torch.Generator(device).manual_seed(5)
+    dry = mode == "dry"
+    out: dict = {"rows": [], "cases_skipped": []}
+
+    def row(op: str, variant: str, fn: Callable[[], object], triton: bool = True) -> float | None:
+        if mode == "compile" and not triton:
+            return None
+        if time.time() > deadline:
+            out["cases_skipped"].append(f"{op} {variant}")
+            return None
+        try:
+            us = _bench(fn, mode)
+        except Exception as exc:  # one failing variant must not hide the others
+            out["rows"].append({"op": op, "variant": variant, "error": f"{type(exc).__name__}: {exc}"[:200]})
+            log(f"{op} {variant}: error {exc}")
+            return None
+        out["rows"].append({"op": op, "variant": variant, "us": us})
+        log(f"{op} {variant}: {us:.1f} us")
+        return us
+
+    d = TINY if dry else REAL
+    s = torch.tensor(0.01, device=device)
+    copies = {"gpu": 6, "dry": 2}.get(mode, 1)
+    shapes = [("in_proj", in_proj_dim(d), d["d_model"], (1, d["L"])),
+              ("out_proj", d["d_model"], d["d_inner"], (1, d["L"]))]
+    if not dry:
+        shapes += [("8b in_proj", in_proj_dim(REAL_8B), REAL_8B["d_model"], (1,)),
+                   ("8b out_proj", REAL_8B["d_model"], REAL_8B["d_inner"], (1,))]
+    step_ops: dict[str, dict[str, float | None]] = {}
+    for label, nout, k, ms in shapes:
+        w16 = [torch.randn(nout, k, device=device, generator=gen).half() for _ in range(copies)]
+        w8 = [torch.randint(-127, 128, (nout, k), device=device, generator=gen, dtype=torch.int8)
+              for _ in range(copies)]
+        w4 = [_random_int4(nout, k, device, gen) for _ in range(copies)]
+        ws8 = torch.rand(nout, device=device, generator=gen) * 1e-3 + 1e-4
+        for m in ms:
+            x16 = torch.randn(m, k, device=device, generator=gen).half()
+            xq = torch.randint(-127, 128, (m, k), device=device, generator=gen, dtype=torch.int8)
+            it = iter(range(10 ** 9))
+            op = f"{label} M={m} N={nout} K={k}"
+            times = {
+                "fp16 cuBLAS": row(op, "fp16 cuBLAS", lambda: torch.nn.functional.linear(x16, w16[next(it) % copies]),
+                                   triton=False),
+                "w8a8": row(op, "w8a8", lambda: tlinear.int8_linear(xq, s, w8[next(it) % copies], ws8,
+                                                                    out_dtype=torch.float16)),
+                "w4a16": row(op, "w4a16", lambda: tw4.w4a16_linear(x16, w4[next(it) % copies]["packed"],
+                                                                   w4[0]["scale"])),
+                "w4a8": row(op, "w4a8", lambda: tw4.w4a8_linear(xq, s, w4[next(it) % copies]["packed"], w4[0]["s_c"],
+                                                                w4[0]["g"], out_dtype=torch.float16)),
+            }
+            if m == 1 and not label.startswith("8b"):
+                step_ops[label] = times
+    # SSD scan prefill: a small tile sweep for each of fp16 and int8, then the two side by side, each with
+    # its best tiles
+    pre = _Ssd(d, 1, d["L"], device, gen)
+    no_limit = (0.0, float("inf"))
+    runs = {"fp16": lambda cfg: tssd.ssd_scan(pre.x, pre.dt, pre.A, pre.B, pre.C, pre.D, pre.dt_bias, True, no_limit,
+                                              None, torch.float32, config=cfg),
+            "int8": lambda cfg: tssd.ssd_scan(pre.xq, pre.dt, pre.A, pre.Bq, pre.Cq, pre.D, pre.dt_bias, True,
+                                              no_limit, None, torch.float16, config=cfg,
+                                              scales={"x": pre.x_scale, "B": pre.B_scale, "C": pre.C_scale,
+                                                      "state": pre.state_scale})}
+    best: dict[str, tuple[float, dict]] = {}
+    for kind, run in runs.items():
+        for cfg in SSD_CONFIGS[:1] if dry else SSD_CONFIGS:
+            us = row(f"ssd prefill {kind} (1,{d['L']}) tiles", str(cfg), lambda cfg=cfg, run=run: run(cfg))
+            if us is not None and (kind not in best or us < best[kind][0]):
+                best[kind] = (us, cfg)
+    out["ssd_configs_best"] = {k: v[1] for k, v in best.items()}
+    op = f"ssd_scan prefill (1,{d['L']},{d['d_inner'] // d['headdim']},{d['headdim']}) n={d['d_state']}, best tiles"
+    for kind, (_, cfg) in best.items():
+        row(op, kind, lambda run=runs[kind], cfg=cfg: run(cfg))
+    one = _Ssd(d, 1, 1, device, gen)
+    fslot, qslot = dispatch.mark_static_state(one.state.clone()), dispatch.mark_static_state(one.state_q.clone())
+    op = "ssd_scan decoding step, batch 1"
+    step_ops["ssd step"] = {
+        "fp16": row(op, "fp16", lambda: dispatch.ssd_scan(*one.float_args(), state=fslot)),
+        "int8": row(op, "int8", lambda: dispatch.int8_ssd_scan(*one.int8_args(), D=one.D, dt_bias=one.dt_bias,
+                                                               state_q=qslot)),
+    }
+    # the layer's remaining decoding ops: conv step (fp16 / int8 kernels) and the gated norm (no kernel yet)
+    cdim = d["d_inner"] + 2 * d["ngroups"] * d["d_state"]
+    xc, wc = torch.randn(1, 1, cdim, device=device, generator=gen).half(), torch.randn(cdim, 4, device=device).half()
+    cstate = dispatch.mark_static_state(torch.zeros(1, 3, cdim, device=device, dtype=torch.float16))
+    xcq, wcq = torch.randint(-127, 128, (1, 1, cdim), device=device, dtype=torch.int8), torch.randint(
+        -127, 128, (cdim, 4), device=device, dtype=torch.int8)
+    cqstate = dispatch.mark_static_state(torch.zeros(1, 3, cdim, device=device, dtype=torch.int8))
+    op = "conv1d + SiLU step, batch 1"
+    step_ops["conv step"] = {
+        "fp16": row(op, "fp16", lambda: dispatch.causal_conv1d_silu(xc, wc, None, cstate)),
+        "int8": row(op, "int8", lambda: dispatch.int8_causal_conv1d_silu(xcq, s, wcq, s, None, s, cqstate)),
+    }
+    y, z, nw = (torch.randn(1, 1, d["d_inner"], device=device).half() for _ in range(3))
+    step_ops["gated norm"] = {"fp16": row("gated RMSNorm step (reference ops)", "fp16",
+                                          lambda: norm.gated_rms_norm(y, z, nw, 1e-5, d["d_inner"] // d["ngroups"]),
+                                          triton=False)}
+    hid, res, nw2 = (torch.randn(1, 1, d["d_model"], device=device).half() for _ in range(3))
+    op = "residual add + RMSNorm step, batch 1"
+    step_ops["add norm"] = {
+        "fp16": row(op, "fp16", lambda: dispatch.add_rms_norm(hid, res, nw2, 1e-5)),
+        "int8": row(op, "int8 (quantize fused)", lambda: dispatch.int8_add_rms_norm(hid, res, nw2, 1e-5, s)),
+    }
+    step_ops["hadamard"] = {"fp16": 0.0, "int8": row("Hadamard + quantize before out_proj, batch 1", "int8",
+                                                     lambda: dispatch.hadamard_quantize(y, s))}
+    out["layer_step_us"] = layer_step(step_ops)
+    for variant, us in out["layer_step_us"].items():
+        log(f"per-layer decoding step (sum of ops), {variant}: {us:.1f} us")
+    return out
+
+
+def layer_step(ops: dict[str, dict[str, float | None]]) -> dict[str, float]:
+    """A Mamba2 layer's decoding step as the sum of its ops' times (launch gaps and the quantized gated
+    norm's dequantization of z not included), per precision: fp16 (cuBLAS GEMVs; fp16 add + norm, conv and
+    scan kernels), w8a8 / w4a8 (their GEMVs; int8 add + norm + quantize, conv, scan, and the Hadamard +
+    quantize before out_proj), w4a16 (its GEMVs, the fp16 ops). The gated norm (reference torch ops, no
+    kernel yet) counts the same for all."""
+    total = {}
+    for variant in ("fp16 cuBLAS", "w8a8", "w4a16", "w4a8"):
+        act = "fp16" if variant in ("fp16 cuBLAS", "w4a16") else "int8"
+        parts = [ops.get("in_proj", {}).get(variant), ops.get("out_proj", {}).get(variant),
+                 ops.get("ssd step", {}).get(act), ops.get("conv step", {}).get(act),
+                 ops.get("add norm", {}).get(act), ops.get("hadamard", {}).get(act),
+                 ops.get("gated norm", {}).get("fp16")]
+        if all(p is not None and p == p for p in parts):
+            total[variant] = float(sum(parts))
+    return total
+
+
+def summary(stages: dict) -> None:
+    """Print the two stages' tables (called from gpu_check's print_summary)."""
+    rows = stages.get("m2checks", {}).get("rows", [])
+    if rows:
+        print("\n=== Mamba2 / 4-bit kernel checks (vs reference ops) ===")
+        for r in rows:
+            print(f"{'PASS' if r['ok'] else 'FAIL'}  {r['name']:<48} {r['shape']:<34} {r['result']}")
+        print(f"{sum(r['ok'] for r in rows)}/{len(rows)} passed")
+    t = stages.get("m2time", {})
+    if t.get("rows"):
+        print("\n=== Mamba2 / 4-bit kernel times (median us) ===")
+        by_op: dict[str, dict[str, object]] = {}
+        for r in t["rows"]:
+            by_op.setdefault(r["op"], {})[r["variant"]] = r.get("us", r.get("error"))
+        for op, variants in by_op.items():
+            base = variants.get("fp16 cuBLAS", variants.get("fp16"))
+            cells = []
+            for v, us in variants.items():
+                ratio = (f" (x{base / us:.2f})" if isinstance(us, float) and isinstance(base, float) and us == us
+                         and us > 0 else "")
+                cells.append(f"{v} {us:.1f}{ratio}" if isinstance(us, float) else f"{v} {us}")
+            print(f"{op:<48} " + " | ".join(cells))
+        lay = t.get("layer_step_us", {})
+        if lay:
+            base = lay.get("fp16 cuBLAS")
+            print("per-layer decoding step, sum of op times (us): " + " | ".join(
+                f"{k} {v:.1f}" + (f" (x{base / v:.2f})" if base else "") for k, v in lay.items()))
+        if t.get("cases_skipped"):
+            print(f"skipped (time budget): {', '.join(t['cases_skipped'])}")
+
+
+def headline(stages: dict) -> dict:
+    """The two stages' headline numbers for gpu_check's SUMMARY_JSON line."""
+    out: dict = {}
+    rows = stages.get("m2checks", {}).get("rows")
+    if rows:
+        out["m2checks"] = f"{sum(r['ok'] for r in rows)}/{len(rows)}"
+        out["m2checks_failed"] = [f"{r['name']} {r['shape']}: {r['result']}" for r in rows if not r["ok"]]
+    t = stages.get("m2time", {})
+    times: dict[str, dict[str, float]] = {}
+    for r in t.get("rows", []):
+        if "us" in r and ("M=1 " in r["op"] or "M=2048" in r["op"] or r["op"].startswith("ssd_scan")):
+            times.setdefault(r["op"], {})[r["variant"]] = round(r["us"], 1)
+    if times:
+        out["m2time_us"] = times
+    if t.get("layer_step_us"):
+        out["m2_layer_step_us"] = {k: round(v, 1) for k, v in t["layer_step_us"].items()}
+    return out
