@@ -137,6 +137,33 @@ def test_qtensor_cat_and_reshape_carry_scales():
     assert r.scale.shape == (3, 2) and torch.equal(r.dequantize().reshape(2, 3, 6), c.dequantize())
 
 
+def test_qtensor_reshape_to_one_group_adds_a_unit_dimension():
+    codes = torch.arange(-12, 12, dtype=torch.int8).reshape(2, 3, 4)
+    for scale in (torch.tensor([0.5, 1.0, 2.0, 4.0]), torch.rand(2, 3, 1) + 0.1):
+        q = QTensor(codes, scale)
+        r = q.reshape(2, 3, 1, 4)
+        assert r.codes.shape == (2, 3, 1, 4)
+        assert torch.equal(r.dequantize(), q.dequantize().reshape(2, 3, 1, 4))
+    with pytest.raises(ValueError, match="last dimension only"):
+        QTensor(codes, torch.rand(2, 3, 1)).reshape(6, 4)
+
+
+@torch.no_grad()
+@pytest.mark.parametrize("recipe", ["quamba2-w8a8", "quamba1", "minmax-static"])
+def test_one_ssd_group_quantizes_and_decodes(tmp_path, recipe):
+    """ngroups=1, the layout of every released mamba2 checkpoint: B and C are (b, l, 1, d_state)."""
+    cfg = ssmq.MambaConfig(arch="mamba2", d_model=32, n_layer=2, vocab_size=50280, d_state=8, headdim=8,
+                           ngroups=1, chunk_size=8)
+    fp_path = ssmq.save(ssmq.build_model(cfg, seed=6), tmp_path / "fp", tokenizer=NEOX_TOKENIZER)
+    fp, _ = ssmq.load(fp_path)
+    qm = quantize(fp_path, recipe, stats=calibrate_for_recipe(fp_path, recipe, **CAL), progress=False)
+    ids = random_ids(50000, (1, 10), seed=7)
+    assert 0 < layer_errors(fp, qm, ids)["logits"] < 0.1
+    cache = qm.new_cache()
+    qm(ids[:, :8], cache)
+    assert torch.isfinite(qm(ids[:, 8:9], cache)).all()
+
+
 @torch.no_grad()
 def test_int8_ssd_scan_with_grouped_scales_matches_a_plain_recurrence():
     cfg = tiny_config("mamba2", chunk_size=4)

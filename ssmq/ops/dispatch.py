@@ -31,6 +31,7 @@ import torch.nn.functional as F
 
 from ssmq.ops import conv as _conv
 from ssmq.ops import hadamard as _hadamard
+from ssmq.ops import int4 as _int4
 from ssmq.ops import int4_linear as _int4_linear
 from ssmq.ops import int8_conv as _int8_conv
 from ssmq.ops import int8_embedding as _int8_embedding
@@ -40,7 +41,6 @@ from ssmq.ops import int8_scan as _int8_scan
 from ssmq.ops import norm as _norm
 from ssmq.ops import quantize as _quantize
 from ssmq.ops import scan as _scan
-from ssmq.ops.int4 import check_group_scale
 from ssmq.ops.quantize import ScaleLike, check_int8, check_scale
 from ssmq.ops.triton import HAS_TRITON
 
@@ -123,6 +123,18 @@ def int8_embedding(ids: torch.Tensor, codes: torch.Tensor, row_scales: torch.Ten
         scales = _scale(row_scales, "row_scales", codes.device)
         return (codes[ids].float() * scales[ids].unsqueeze(-1)).to(out_dtype)
     return _int8_embedding.int8_embedding(ids, codes, row_scales, out_dtype)
+
+
+def int4_embedding(ids: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                   out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
+    """ssmq.ops.int4.int4_embedding; on CUDA the group scales are validated once per version, so a CUDA
+    graph capture of a step that embeds tokens holds no host sync."""
+    if uses_kernels(ids, packed, scale):
+        scales = _scale(scale, "embedding row scales", packed.device)
+        rows = _int4.unpack_int4(packed[ids])
+        _int4.groups_of(rows.shape[-1], scales.shape[-1], "embedding row scales")
+        return (rows.float() * _int4.expand_groups(scales[ids], rows.shape[-1])).to(out_dtype)
+    return _int4.int4_embedding(ids, packed, scale, out_dtype)
 
 
 def quantize(x: torch.Tensor, scale: ScaleLike, name: str = "scale") -> torch.Tensor:
@@ -355,7 +367,7 @@ def w4a8_linear(x_q: torch.Tensor, x_scale: ScaleLike, w_packed: torch.Tensor, w
     if (uses_kernels(x_q, w_packed, group_scale) and (out_scale is not None or out_dtype in _FLOATS)
             and x_q.shape[-1] <= _int4_linear.MAX_K_W4A8):
         check_int8(x_q, "x_q")
-        _check_once(group_scale, "group_scale", check_group_scale)
+        _check_once(group_scale, "group_scale", _int4.check_group_scale)
         dev = x_q.device
         out = _k().w4.w4a8_linear(x_q, _scale(x_scale, "x_scale", dev), w_packed, _scale(w_scale, "w_scale", dev),
                                   group_scale, bias, out_dtype,

@@ -47,11 +47,8 @@ class QTensor:
         scale = self.scale
         if scale.dim() == 0 or scale.numel() == 1:
             return QTensor(codes, scale)
-        width, tail, trailing = self.codes.shape[-1], 1, 0
-        while tail < width and trailing < codes.dim():
-            trailing += 1
-            tail *= codes.shape[-trailing]
-        if tail != width or codes.shape[:codes.dim() - trailing] != self.codes.shape[:-1]:
+        width, trailing = self.codes.shape[-1], codes.dim() - self.codes.dim() + 1
+        if trailing < 1 or codes.shape[:self.codes.dim() - 1] != self.codes.shape[:-1]:
             raise ValueError(f"QTensor.reshape {tuple(self.codes.shape)} -> {tuple(codes.shape)} must split the "
                              "last dimension only")
         if scale.shape[-1] == width and width > 1:

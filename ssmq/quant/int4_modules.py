@@ -18,7 +18,7 @@ from torch import nn
 
 from ssmq.errors import SsmqError
 from ssmq.ops import dispatch
-from ssmq.ops.int4 import GROUP_SCALE_DTYPE, group_size_for, int4_embedding, pack_int4
+from ssmq.ops.int4 import GROUP_SCALE_DTYPE, group_size_for, pack_int4
 from ssmq.ops.qtensor import QTensor
 from ssmq.quant.gptq import W4A8, W4A16, Int4Weights, rtn
 from ssmq.quant.modules import ActQuant, _as_codes
@@ -121,4 +121,4 @@ class Int4Embedding(nn.Module):
         return self
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
-        return int4_embedding(ids, self.weight, self.weight_scale)
+        return dispatch.int4_embedding(ids, self.weight, self.weight_scale)
