@@ -122,6 +122,11 @@ def checks(ck, mode: str, budget_s: float) -> list[dict]:
             cases.append((f"w4a16_linear {label}", f"M={m} N={nout} K={k}",
                           lambda x16=x16, w=w: dispatch.w4a16_linear(x16, w["packed"], w["scale"]),
                           lambda x16=x16, w=w: int4_linear.w4a16_linear(x16, w["packed"], w["scale"])))
+            if m == L:  # fp32 activations (fp32 models, e.g. evaluation) take smaller GEMM tiles
+                x32 = x16.float()
+                cases.append((f"w4a16_linear {label} (fp32 x)", f"M={m} N={nout} K={k}",
+                              lambda x32=x32, w=w: dispatch.w4a16_linear(x32, w["packed"], w["scale"]),
+                              lambda x32=x32, w=w: int4_linear.w4a16_linear(x32, w["packed"], w["scale"])))
             out_kind = "int8" if out_scale is not None else "fp16"
             cases.append((f"w4a8_linear {label} -> {out_kind}", f"M={m} N={nout} K={k}",
                           lambda xq=xq, xs=xs, w=w, bias=bias, os_=out_scale: dispatch.w4a8_linear(

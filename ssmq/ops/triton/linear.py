@@ -157,8 +157,15 @@ def _gemm_config(m: int, n: int, k: int) -> dict[str, int]:
 
 def _gemv_config(n: int, k: int) -> dict[str, int]:
     """About 640 programs or more (several per SM, so enough loads are in flight to stream the weights at
-    full bandwidth) with up to 8 weight rows each, and up to 4096 codes per load; these timed best on an
-    H100 for the mamba-2.8b projections (benchmarks/gpu_check.py)."""
+    full bandwidth) with up to 8 weight rows each, and up to 4096 codes per load. Wide weights (N >= 8192:
+    in_proj, lm_head) take 16 or 32 rows per program and the dp4a kernel, small K (dt_proj) 16 rows: the
+    fastest bit-exact configurations of the `tune` stage of benchmarks/gpu_check.py on an H200 for the
+    mamba-2.8b weights (docs/performance.md)."""
+    if n >= 8192 and k % 4 == 0 and k >= 512:
+        wide = n >= 32768
+        return dict(BLOCK_N=32 if wide else 16, BLOCK_K=512, num_warps=8 if wide else 4, DP4A=1)
+    if k <= 256 and n >= 4096:
+        return dict(BLOCK_N=16, BLOCK_K=max(32, next_pow2(k)), num_warps=4)
     bn = 1
     while bn < 8 and n // (2 * bn) >= 640:
         bn *= 2

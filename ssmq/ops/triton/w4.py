@@ -136,13 +136,16 @@ def _w4_gemv_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr
            OUT_INT8, OS_MODE)
 
 
-def _gemm_config(m: int, n: int) -> dict[str, int]:
-    """Tile shapes by problem size (one 128-column weight group per K step); not yet tuned on a GPU."""
+def _gemm_config(m: int, n: int, x_bytes: int) -> dict[str, int]:
+    """Tile shapes by problem size (one 128-column weight group per K step). fp32 activations (x_bytes 4)
+    take half the row tile and two stages: a 128 x 128 fp32 tile in three stages needs more shared memory
+    than a Hopper SM has (272 KiB > 227 KiB)."""
     if m <= 16:
         return dict(BLOCK_M=16, BLOCK_N=64 if triton.cdiv(n, 64) >= 128 else 32, GROUP_M=1, num_warps=4,
                     num_stages=4)
-    if m <= 64:
-        return dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=1, num_warps=4, num_stages=4)
+    if m <= 64 or x_bytes > 2:
+        return dict(BLOCK_M=64, BLOCK_N=64, GROUP_M=1 if m <= 64 else 8, num_warps=4,
+                    num_stages=4 if x_bytes <= 2 else 2)
     return dict(BLOCK_M=128, BLOCK_N=128, GROUP_M=8, num_warps=8, num_stages=3)
 
 
@@ -176,7 +179,7 @@ def _launch(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor,
         cfg = {**_gemv_config(n, n_groups, hg), **(config or {})}
         _w4_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, HG=hg, **cfg)
     else:
-        cfg = {**_gemm_config(m, n), **(config or {})}
+        cfg = {**_gemm_config(m, n, x2.element_size()), **(config or {})}
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _w4_gemm_kernel[grid](*args, **flags, HG=hg, **cfg)
 
