@@ -10,7 +10,7 @@ import ssmq
 from ssmq.bench.graphs import static_cache
 from ssmq.bench.memory import weight_bytes
 from ssmq.bench.models import prepare_for_inference, random_fp_model, random_w8a8_model
-from ssmq.bench.run import BenchSettings, compare
+from ssmq.bench.run import BenchSettings, compare_models
 from ssmq.bench.shapes import shape_config
 from ssmq.cli.main import cli
 from ssmq.models.config import MambaConfig
@@ -21,7 +21,15 @@ TINY = MambaConfig(arch="mamba1", d_model=32, n_layer=2, vocab_size=128, d_state
 
 def test_real_shapes():
     cfg = shape_config("mamba-2.8b")
-    assert (cfg.d_model, cfg.n_layer, cfg.d_inner, cfg.vocab_size) == (2560, 64, 5120, 50280)
+    assert (cfg.arch, cfg.d_model, cfg.n_layer, cfg.d_inner, cfg.vocab_size) == ("mamba1", 2560, 64, 5120, 50280)
+    m2 = shape_config("mamba2-2.7b")
+    assert (m2.arch, m2.d_model, m2.n_layer, m2.nheads, m2.ngroups, m2.d_state, m2.vocab_size) == (
+        "mamba2", 2560, 64, 80, 1, 128, 50288)
+    assert m2.in_proj_dim == 10576 and m2.tie_embeddings
+    big = shape_config("mamba2-8b")
+    assert (big.d_model, big.n_layer, big.ngroups, big.vocab_size, big.tie_embeddings) == (4096, 56, 8, 256000, False)
+    big.n_layer = 1
+    assert shape_config("mamba2-8b").n_layer == 56  # each call gives a fresh copy
 
 
 def test_weight_bytes_count_tied_weights_once():
@@ -57,10 +65,11 @@ def test_static_cache_keeps_storage_and_continues_exactly():
 def test_compare_reports_both_models_and_ratios():
     fp = prepare_for_inference(random_fp_model(TINY, "cpu", dtype=torch.float32))
     q = prepare_for_inference(random_w8a8_model(TINY, "cpu"))
-    result = compare(fp, q, BenchSettings(prompt_len=4, gen_len=2, batches=(1,), repeats=1, transformers=False))
+    result = compare_models(fp, {"w8a8": q}, BenchSettings(prompt_len=4, gen_len=2, batches=(1,), repeats=1,
+                                                              transformers=False))
     row = result.rows[0]
     assert row["fp16"]["ttft_ms"] > 0 and row["w8a8"]["tpot_ms"] > 0
-    assert 0 < row["ratios"]["weight_fraction"] < 1
+    assert 0 < row["ratios"]["w8a8"]["weight_fraction"] < 1
     assert result.environment["device"] == "cpu"
 
 
@@ -69,8 +78,10 @@ def test_cli_bench_json(tmp_path):
     res = CliRunner().invoke(cli, ["bench", str(model_dir), "--prompt-len", "4", "--gen-len", "2", "--batch", "1",
                                    "--repeats", "1", "--device", "cpu", "--no-transformers", "--json"])
     assert res.exit_code == 0, res.output
-    rows = json.loads(res.output)["rows"]
-    assert rows[0]["batch"] == 1 and "tpot_speedup" in rows[0]["ratios"]
+    out = json.loads(res.output)
+    row = out["rows"][0]
+    assert out["models"] == ["quamba1"]  # Mamba1's default twin
+    assert row["batch"] == 1 and row["quamba1"]["tpot_ms"] > 0 and "tpot_speedup" in row["ratios"]["quamba1"]
 
 
 def test_cli_bench_needs_model_or_shape():

@@ -1,5 +1,6 @@
 """The benchmark: time to first token, time per output token, throughput and memory of a model, and the
-side-by-side comparison of an fp16 model with its W8A8 twin (plus transformers' fp16 path) in one run.
+side-by-side comparison of an fp16 model with its quantized twins (W8A8, W4A8, W4A16 ...; plus transformers'
+fp16 path for Mamba1) in one run.
 
 Prefill runs eagerly from an empty cache (TTFT = prefill + choosing the first token). Decoding replays
 one captured CUDA graph per batch size (ssmq.bench.graphs); the eager decoding time is reported too.
@@ -8,7 +9,9 @@ one captured CUDA graph per batch size (ssmq.bench.graphs); the eager decoding t
 from __future__ import annotations
 
 import datetime as _dt
+import logging
 import platform
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass, field
 from typing import Any
 
@@ -21,6 +24,9 @@ from ssmq.bench.timing import median_ms
 from ssmq.models.lm import MambaLM
 
 EAGER_STEPS = 8
+RESERVED = ("batch", "fp16", "ratios", "transformers_fp16")  # row keys that are not model labels
+
+log = logging.getLogger(__name__)
 
 
 @dataclass
@@ -31,7 +37,7 @@ class BenchSettings:
     repeats: int = 3
     seed: int = 0
     transformers: bool = True
-    int8_head: bool = False  # recorded here; the W8A8 model given to compare() must be built that way
+    int8_head: bool = False  # quantized embedding and lm_head: recorded here; the models given must be built so
 
 
 @dataclass
@@ -89,11 +95,13 @@ def time_model(model: MambaLM, label: str, batch: int, s: BenchSettings) -> Timi
 
 @dataclass
 class Comparison:
-    """fp16 and W8A8 timings per batch size, their ratios, and transformers' fp16 decoding time."""
+    """fp16 and quantized timings per batch size, their ratios, and transformers' fp16 decoding time.
+    `labels` names the quantized models in the order they were timed."""
 
     settings: dict[str, Any]
     environment: dict[str, Any]
     rows: list[dict[str, Any]] = field(default_factory=list)
+    labels: list[str] = field(default_factory=list)
 
 
 def environment(device: torch.device) -> dict[str, Any]:
@@ -112,7 +120,7 @@ def environment(device: torch.device) -> dict[str, Any]:
 
 
 def ratios(fp: Timing, q: Timing) -> dict[str, float | None]:
-    """Speed-ups (fp16 time / W8A8 time) and memory fractions (W8A8 bytes / fp16 bytes)."""
+    """Speed-ups (fp16 time / quantized time) and memory fractions (quantized bytes / fp16 bytes)."""
     def div(a: float | None, b: float | None) -> float | None:
         return a / b if a is not None and b else None
 
@@ -121,23 +129,39 @@ def ratios(fp: Timing, q: Timing) -> dict[str, float | None]:
             "cache_fraction": div(q.cache_bytes, fp.cache_bytes), "peak_fraction": div(q.peak_bytes, fp.peak_bytes)}
 
 
-def compare(fp_model: MambaLM, q_model: MambaLM, s: BenchSettings) -> Comparison:
-    """Benchmark both models at every batch size of `s`, then transformers' fp16 decoding on the same shape
-    (when installed and s.transformers)."""
+def compare_models(fp_model: MambaLM, models: Mapping[str, MambaLM], s: BenchSettings) -> Comparison:
+    """Benchmark the fp16 model and each quantized model (label -> model) at every batch size of `s`, then
+    transformers' fp16 decoding on the same shape (Mamba1, when installed and s.transformers).
+
+    One row per batch size: {"batch", "fp16": Timing, LABEL: Timing for each label, "ratios": {LABEL:
+    ratios(fp16, LABEL)}}, and "transformers_fp16": {"tpot_ms", "steps", "fp16_vs_transformers_tpot"
+    (its time / our fp16 time)} when it ran."""
+    if not models:
+        raise ValueError("compare_models needs at least one quantized model")
+    clash = [label for label in models if label in RESERVED]
+    if clash:
+        raise ValueError(f"model label {clash[0]!r} is reserved (row keys: {', '.join(RESERVED)})")
     device = fp_model.device
-    result = Comparison(settings=asdict(s), environment=environment(device))
+    result = Comparison(settings=asdict(s), environment=environment(device), labels=list(models))
     for batch in s.batches:
         fp = time_model(fp_model, "fp16", batch, s)
-        q = time_model(q_model, "w8a8", batch, s)
-        result.rows.append({"batch": batch, "fp16": asdict(fp), "w8a8": asdict(q), "ratios": ratios(fp, q)})
-    if s.transformers and transformers_available():
+        row: dict[str, Any] = {"batch": batch, "fp16": asdict(fp), "ratios": {}}
+        for label, model in models.items():
+            q = time_model(model, label, batch, s)
+            row[label] = asdict(q)
+            row["ratios"][label] = ratios(fp, q)
+        result.rows.append(row)
+    if s.transformers and fp_model.config.arch != "mamba1":
+        log.info("transformers' reference is timed for Mamba1 shapes only; skipped for %s", fp_model.config.arch)
+    elif s.transformers and transformers_available():
         hf = transformers_model(fp_model.config, device, s.seed)
         steps = min(s.gen_len, 16)
         for row in result.rows:
             tpot = transformers_tpot_ms(hf, row["batch"], steps, s.repeats)
-            row["transformers_fp16"] = {"tpot_ms": tpot, "steps": steps}
-            row["ratios"]["fp16_vs_transformers_tpot"] = tpot / row["fp16"]["tpot_ms"]
+            row["transformers_fp16"] = {"tpot_ms": tpot, "steps": steps,
+                                        "fp16_vs_transformers_tpot": tpot / row["fp16"]["tpot_ms"]}
         del hf
         if device.type == "cuda":
             torch.cuda.empty_cache()
     return result
+
