@@ -5,7 +5,8 @@ Stages (all by default, in this order; --stages picks some):
           shapes (prefill and decode): codes identical on >= 99.99% and never > 1 step apart,
           floats within 1e-3 relative error (ssmq.ops.triton.conformance)
   model   whole models (mamba-130m shape): logits with kernels vs with reference ops, and CUDA-graph
-          decoding vs eager decoding (must be bit-identical)
+          decoding vs eager decoding (must be bit-identical); quamba1 twins with fp16 and int8 heads
+  m2model the same on the mamba2-130m shape for quamba2-w8a8, -w4a8 and -w4a16 twins
   scan    the chunked prefill scan in a few tile configurations; the fastest is used afterwards
   tune    the batch-1 GEMV of each --shape weight in a few configurations (dp4a kernel included); the
           fastest bit-exact one is used by the later stages of this run
@@ -248,18 +249,25 @@ class Checks:
 
 # ---------------------------------------------------------------- stage: whole models
 
-def model_checks(device: torch.device, shape_cfg) -> dict:
+def model_checks(device: torch.device, shape_cfg, recipes: tuple[str, ...] = ("quamba1",)) -> dict:
+    """Per recipe (quantized body, then also a quantized embedding and lm_head) and for fp16: the kernels'
+    logits over a prefill and 4 decoding steps against the reference ops (and the reference ops on the GPU
+    against the CPU, the float noise floor), and CUDA-graph decoding against eager decoding."""
     from ssmq.bench.graphs import GraphDecoder, static_cache
-    from ssmq.bench.models import prepare_for_inference, random_fp_model, random_w8a8_model
+    from ssmq.bench.models import prepare_for_inference, random_fp_model, random_quantized_model
 
     out: dict = {}
     gen = torch.Generator(device).manual_seed(1)
     ids = torch.randint(0, shape_cfg.vocab_size, (2, 64), device=device, generator=gen)
     steps = 4
-    for label, model in (("w8a8", prepare_for_inference(random_w8a8_model(shape_cfg, device, seed=1))),
-                         ("w8a8 int8 head", prepare_for_inference(random_w8a8_model(shape_cfg, device, seed=1,
-                                                                                    int8_head=True))),
-                         ("fp16", prepare_for_inference(random_fp_model(shape_cfg, device, seed=1)))):
+    builds = [(f"{r}{' quantized head' if head else ''}",
+               lambda r=r, head=head: random_quantized_model(shape_cfg, device, r, seed=1, quantize_embedding=head,
+                                                             quantize_lm_head=head))
+              for r in recipes for head in (False, True)]
+    builds.append(("fp16", lambda: random_fp_model(shape_cfg, device, seed=1)))
+    for label, build in builds:
+        model = prepare_for_inference(build())
+
         def run() -> torch.Tensor:
             cache = model.new_cache()
             logits = [model(ids, cache)[:, -1:]]
@@ -462,9 +470,10 @@ def scan_sweep(device: torch.device, dims: dict[str, int]) -> dict:
 
 def bench(device: torch.device, args: argparse.Namespace, int8_head: bool = True, batches: str | None = None,
           transformers: bool = True) -> dict:
-    """`ssmq bench --shape S [--int8-head]`'s comparison (ssmq.bench.run.compare) on random weights."""
+    """`ssmq bench --shape S [--int8-head]`'s comparison (ssmq.bench.run.compare_models) of fp16 and a quamba1
+    twin labelled "w8a8", on random weights."""
     from ssmq.bench.models import prepare_for_inference, random_fp_model, random_w8a8_model
-    from ssmq.bench.run import BenchSettings, compare
+    from ssmq.bench.run import BenchSettings, compare_models
     from ssmq.bench.shapes import shape_config
 
     cfg = shape_config(args.shape)
@@ -473,26 +482,28 @@ def bench(device: torch.device, args: argparse.Namespace, int8_head: bool = True
                              transformers=transformers and not args.no_transformers, int8_head=int8_head)
     fp = prepare_for_inference(random_fp_model(cfg, device))
     q = prepare_for_inference(random_w8a8_model(cfg, device, int8_head=int8_head))
-    result = compare(fp, q, settings)
+    result = compare_models(fp, {"w8a8": q}, settings)
     return {"settings": result.settings, "environment": result.environment, "rows": result.rows}
 
 
 def profile(device: torch.device, args: argparse.Namespace) -> dict:
     """GPU kernel time by kernel of one prefill (batch 1, --prompt-len) and one eager decoding step, for
-    both models as the fused benchmark runs them."""
+    the fp16 model and the --profile-recipe twin (quantized embedding and lm_head) as the benchmark runs them."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
     from ssmq.bench.graphs import static_cache
-    from ssmq.bench.models import prepare_for_inference, random_fp_model, random_w8a8_model
+    from ssmq.bench.models import DEFAULT_RECIPES, prepare_for_inference, random_fp_model, random_quantized_model
     from ssmq.bench.shapes import shape_config
 
     cfg = shape_config(args.shape)
+    recipe = args.profile_recipe or DEFAULT_RECIPES[cfg.arch]
     out: dict = {}
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), device=device)
     with torch.no_grad():
         for label, build in (("fp16", lambda: random_fp_model(cfg, device)),
-                             ("w8a8", lambda: random_w8a8_model(cfg, device, int8_head=True))):
+                             (recipe, lambda: random_quantized_model(cfg, device, recipe, quantize_embedding=True,
+                                                                     quantize_lm_head=True))):
             model = prepare_for_inference(build())
             cache = static_cache(cfg.n_layer)
             tok = model(ids, cache)[:, -1].argmax(-1, keepdim=True)  # warm-up (compiles, validates scales)
@@ -524,11 +535,12 @@ def print_summary() -> None:
         for row in checks:
             print(f"{'PASS' if row['ok'] else 'FAIL'}  {row['name']:<48} {row['shape']:<26} {row['result']}")
         print(f"{sum(r['ok'] for r in checks)}/{len(checks)} passed")
-    model = RESULTS["stages"].get("model")
-    if model:
-        print("\n=== whole models ===")
-        for key, value in model.items():
-            print(f"{key}: {value}")
+    for stage in ("model", "m2model"):
+        model = RESULTS["stages"].get(stage)
+        if model:
+            print(f"\n=== whole models ({stage}) ===")
+            for key, value in model.items():
+                print(f"{key}: {value}")
     for stage in ("bench", "bench_fp16_head"):
         print_bench(stage, RESULTS["stages"].get(stage))
     tune = RESULTS["stages"].get("tune", {}).get("gemv")
@@ -579,15 +591,15 @@ def print_bench(stage: str, b: dict | None) -> None:
                       f"{t['tpot_eager_ms']:9.3f} {t['weight_bytes'] / 2**20:12.1f} {t['cache_bytes'] / 2**20:10.2f} "
                       f"{(t['peak_bytes'] or 0) / 2**20:9.0f}")
             hf = row.get("transformers_fp16")
-            r = row["ratios"]
+            r = row["ratios"]["w8a8"]
             print(f"      ratios: TTFT x{r['ttft_speedup']:.2f}, TPOT x{r['tpot_speedup']:.2f}, weights "
                   f"{r['weight_fraction']:.3f}, cache {r['cache_fraction']:.3f}"
-                  + (f"; transformers fp16 TPOT {hf['tpot_ms']:.2f} ms = x{r['fp16_vs_transformers_tpot']:.1f} ours"
+                  + (f"; transformers fp16 TPOT {hf['tpot_ms']:.2f} ms = x{hf['fp16_vs_transformers_tpot']:.1f} ours"
                      if hf else ""))
 
 
-DEFAULT_STAGES = "checks,model,tune,bench,m2checks,m2time,profile,linear,bench_fp16_head"
-STAGE_COST_S = {"checks": 25, "model": 25, "tune": 30, "bench": 60, "bench_fp16_head": 30, "profile": 25,
+DEFAULT_STAGES = "checks,model,m2model,tune,bench,m2checks,m2time,profile,linear,bench_fp16_head"
+STAGE_COST_S = {"checks": 25, "model": 25, "m2model": 40, "tune": 30, "bench": 60, "bench_fp16_head": 30, "profile": 25,
                 "linear": 35, "scan": 20, "m2checks": 35, "m2time": 50}
 """Expected seconds per stage on an H100 with the Triton cache carried (compiling adds ~1 s per kernel);
 a stage starts only when it should end within --budget-s."""
@@ -606,15 +618,18 @@ def summary() -> dict:
         out["checks_failed"] = [f"{r['name']} {r['shape']}" for r in rows if not r["ok"]]
     for stage in ("bench", "bench_fp16_head"):
         for row in st.get(stage, {}).get("rows", []):
-            r = row["ratios"]
+            r, hf = row["ratios"]["w8a8"], row.get("transformers_fp16") or {}
             out[f"{stage} b{row['batch']}"] = {
                 "fp16_tpot_ms": row["fp16"]["tpot_ms"], "w8a8_tpot_ms": row["w8a8"]["tpot_ms"],
                 "tpot_speedup": r["tpot_speedup"], "ttft_speedup": r["ttft_speedup"],
                 "fp16_ttft_ms": row["fp16"]["ttft_ms"], "w8a8_ttft_ms": row["w8a8"]["ttft_ms"],
-                "weight_fraction": r["weight_fraction"], "vs_transformers": r.get("fp16_vs_transformers_tpot")}
-    model = st.get("model", {})
-    if model and "error" not in model and "skipped" not in model:
-        out["graph_equals_eager"] = {k: v for k, v in model.items() if "CUDA-graph" in k}
+                "weight_fraction": r["weight_fraction"], "vs_transformers": hf.get("fp16_vs_transformers_tpot")}
+    for stage in ("model", "m2model"):
+        model = st.get(stage, {})
+        if model and "error" not in model and "skipped" not in model:
+            out.setdefault("graph_equals_eager", {}).update({k: v for k, v in model.items() if "CUDA-graph" in k})
+            out.setdefault("kernels_vs_reference", {}).update(
+                {k: v for k, v in model.items() if "kernels vs reference" in k})
     tune = st.get("tune", {})
     if "gemv" in tune:
         out["gemv_chosen"] = {r["op"]: r["chosen"] for r in tune["gemv"]}
@@ -635,6 +650,8 @@ def main() -> None:
     p.add_argument("--batch", default="1,16")
     p.add_argument("--repeats", type=int, default=3)
     p.add_argument("--no-transformers", action="store_true")
+    p.add_argument("--profile-recipe", default=None,
+                   help="the quantized model of the profile stage (default: quamba1 / quamba2-w8a8 by architecture)")
     p.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, tiny shapes")
     args = p.parse_args()
     from ssmq.bench.shapes import shape_config
@@ -646,12 +663,15 @@ def main() -> None:
         dims = dict(d_model=32, d_inner=64, dt_rank=4, d_state=4, L=20, B=2)
         model_vocab = 64
         model_cfg = MambaConfig(arch="mamba1", d_model=32, n_layer=2, vocab_size=64, d_state=4)
+        m2_model_cfg = MambaConfig(arch="mamba2", d_model=32, n_layer=2, vocab_size=64, d_state=8, headdim=8,
+                                   ngroups=1, chunk_size=16)
     else:
         device = torch.device("cuda")
         cfg = shape_config(args.shape)
         model_vocab = cfg.vocab_size
         dims = dict(d_model=cfg.d_model, d_inner=cfg.d_inner, dt_rank=cfg.dt_rank, d_state=cfg.d_state, L=2048, B=16)
         model_cfg = shape_config("mamba-130m")
+        m2_model_cfg = shape_config("mamba2-130m")
         props = torch.cuda.get_device_properties(device)
         RESULTS["gpu"] = {"name": props.name, "sm": props.multi_processor_count, "memory": props.total_memory}
         log(f"{props.name}, {props.multi_processor_count} SMs, torch {torch.__version__}")
@@ -661,6 +681,7 @@ def main() -> None:
     runners = {
         "checks": lambda: {"rows": Checks(device, dims).run()},
         "model": lambda: model_checks(device, model_cfg),
+        "m2model": lambda: model_checks(device, m2_model_cfg, ("quamba2-w8a8", "quamba2-w4a8", "quamba2-w4a16")),
         "scan": lambda: scan_sweep(device, dims),
         "tune": lambda: tune_gemv(device, dims, model_vocab),
         "bench": lambda: bench(device, args),
