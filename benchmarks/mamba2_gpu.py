@@ -30,6 +30,9 @@ from ssmq.ops.int4 import pack_int4
 REAL = dict(d_model=2560, d_inner=5120, headdim=64, d_state=128, ngroups=1, L=2048, B=16)
 REAL_8B = dict(d_model=4096, d_inner=8192, headdim=64, d_state=128, ngroups=8)
 TINY = dict(d_model=128, d_inner=128, headdim=16, d_state=16, ngroups=2, L=40, B=2)
+# W4A8 GEMV alternatives timed at M = 1 beside the default: the byte kernel, and dp4a tiles (rows, groups, warps)
+W4A8_GEMV_CONFIGS = [dict(DP4A=0)] + [dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=w) for bn, bg, w in (
+    (8, 8, 4), (16, 8, 4), (8, 4, 4), (32, 8, 8), (4, 16, 4))]
 SSD_CONFIGS = [dict(BLOCK_P=bp, T=t, num_warps=w, num_stages=st) for bp, t, w, st in (
     (32, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 1), (64, 64, 8, 2), (64, 32, 8, 2))]
 
@@ -187,7 +190,8 @@ def timings(device: torch.device, mode: str, budget_s: float, log: Callable[[str
               ("out_proj", d["d_model"], d["d_inner"], (1, d["L"]))]
     if not dry:
         shapes += [("8b in_proj", in_proj_dim(REAL_8B), REAL_8B["d_model"], (1,)),
-                   ("8b out_proj", REAL_8B["d_model"], REAL_8B["d_inner"], (1,))]
+                   ("8b out_proj", REAL_8B["d_model"], REAL_8B["d_inner"], (1,)),
+                   ("8b lm_head", 256000, REAL_8B["d_model"], (1,))]
     step_ops: dict[str, dict[str, float | None]] = {}
     for label, nout, k, ms in shapes:
         w16 = [torch.randn(nout, k, device=device, generator=gen).half() for _ in range(copies)]
@@ -210,6 +214,10 @@ def timings(device: torch.device, mode: str, budget_s: float, log: Callable[[str
                 "w4a8": row(op, "w4a8", lambda: tw4.w4a8_linear(xq, s, w4[next(it) % copies]["packed"], w4[0]["s_c"],
                                                                 w4[0]["g"], out_dtype=torch.float16)),
             }
+            for cfg in W4A8_GEMV_CONFIGS if m == 1 else ():
+                name = "w4a8 bytes" if cfg.get("DP4A") == 0 else "w4a8 " + ",".join(f"{v}" for v in cfg.values())
+                row(op, name, lambda cfg=cfg: tw4.w4a8_linear(xq, s, w4[next(it) % copies]["packed"], w4[0]["s_c"],
+                                                              w4[0]["g"], out_dtype=torch.float16, config=cfg))
             if m == 1 and not label.startswith("8b"):
                 step_ops[label] = times
     # SSD scan prefill: a small tile sweep for each of fp16 and int8, then the two side by side, each with

@@ -27,9 +27,15 @@ from ssmq.ops.triton.conformance import agreement  # noqa: E402
 SHAPES = [((1,), 24, 384), ((3,), 20, 80), ((2, 9), 33, 256), ((70,), 20, 256)]
 
 
-def tiles(lead: tuple[int, ...]) -> dict[str, int] | None:
-    """Fewer, wider GEMV programs: the interpreter's time grows with the number of programs."""
-    return dict(BLOCK_N=8) if lead[0] <= w4.GEMV_MAX_ROWS and len(lead) == 1 else None
+def tiles(lead: tuple[int, ...], dp4a: int = 1) -> dict[str, int] | None:
+    """Fewer, wider GEMV programs: the interpreter's time grows with the number of programs. dp4a=0 makes
+    a W4A8 GEMV take the byte kernel instead of the int32-word (dp4a) one."""
+    return dict(BLOCK_N=8, DP4A=dp4a) if lead[0] <= w4.GEMV_MAX_ROWS and len(lead) == 1 else None
+
+
+def w4a16_paths(lead: tuple[int, ...]) -> list[dict[str, int] | None]:
+    """The GEMV for few rows; for more, the default dequantize + matmul and the tiled int4 GEMM."""
+    return [tiles(lead)] if lead[0] <= w4.GEMV_MAX_ROWS and len(lead) == 1 else [None, dict(DEQUANT=0)]
 
 
 def weights(n: int, k: int, seed: int) -> torch.Tensor:
@@ -42,31 +48,59 @@ def test_w4a16_linear(lead, n, k):
     g = torch.Generator().manual_seed(k)
     codes, scale = quantize_int4(weights(n, k, seed=n))
     packed, bias = pack_int4(codes), torch.randn(n, generator=g)
-    for dtype in (torch.float16, torch.float32):
-        x = torch.randn(*lead, k, generator=g).to(dtype)
-        out = w4.w4a16_linear(x, packed, scale, bias, config=tiles(lead))
-        expected = ref.w4a16_linear(x, packed, scale, bias)
-        # fp16 outputs: the kernel and the reference sum in different orders, so some elements round to the
-        # neighbouring fp16 value (one ulp is ~5e-4 relative); still well inside the 1e-3 float tolerance
-        tolerance = 1e-4 if dtype == torch.float16 else 1e-5
-        assert out.dtype == dtype and agreement(out, expected).rel_error < tolerance
-    out = w4.w4a16_linear(x, packed, scale, None, torch.float16, config=tiles(lead))
-    assert out.dtype == torch.float16 and agreement(out, ref.w4a16_linear(x, packed, scale, None, torch.float16)).ok
+    for cfg in w4a16_paths(lead):
+        for dtype in (torch.float16, torch.float32):
+            x = torch.randn(*lead, k, generator=g).to(dtype)
+            out = w4.w4a16_linear(x, packed, scale, bias, config=cfg)
+            expected = ref.w4a16_linear(x, packed, scale, bias)
+            # fp16 outputs: the kernel and the reference sum in different orders, so some elements round to
+            # the neighbouring fp16 value (one ulp is ~5e-4 relative), and the dequantized path also rounds
+            # each weight to fp16 once; still well inside the 1e-3 float tolerance
+            tolerance = (5e-4 if cfg is None else 1e-4) if dtype == torch.float16 else 1e-5
+            assert out.dtype == dtype and agreement(out, expected).rel_error < tolerance, (cfg, dtype)
+        out = w4.w4a16_linear(x, packed, scale, None, torch.float16, config=cfg)
+        assert out.dtype == torch.float16
+        assert agreement(out, ref.w4a16_linear(x, packed, scale, None, torch.float16)).ok
 
 
+def test_w4a16_dequantized_weights_are_the_reference_products():
+    codes, scale = quantize_int4(weights(40, 384, seed=9))
+    packed = pack_int4(codes)
+    expected = codes.float() * scale.repeat_interleave(128, dim=1)
+    assert torch.equal(w4.dequantize_w4a16(packed, scale, torch.float32), expected)
+    assert torch.equal(w4.dequantize_w4a16(packed, scale, torch.float16), expected.half())
+
+
+@pytest.mark.parametrize("dp4a", [1, 0])
 @pytest.mark.parametrize("lead,n,k", SHAPES)
-def test_w4a8_linear_is_exact(lead, n, k):
+def test_w4a8_linear_is_exact(lead, n, k, dp4a):
     g = torch.Generator().manual_seed(k + 1)
     codes, s_c, gs = quantize_int4_two_level(weights(n, k, seed=n + 1))
     packed, bias = pack_int4(codes), torch.randn(n, generator=g)
     x = torch.randint(-128, 128, (*lead, k), generator=g, dtype=torch.int8)
     per_token = torch.rand(*lead, 1, generator=g) * 0.01 + 1e-3
-    out = w4.w4a8_linear(x, per_token, packed, s_c, gs, bias, torch.float32, config=tiles(lead))
+    cfg = tiles(lead, dp4a)
+    out = w4.w4a8_linear(x, per_token, packed, s_c, gs, bias, torch.float32, config=cfg)
     assert torch.equal(out, ref.w4a8_linear(x, per_token, packed, s_c, gs, bias, torch.float32))
-    out = w4.w4a8_linear(x, torch.tensor(0.01), packed, s_c, gs, None, torch.float16, config=tiles(lead))
+    out = w4.w4a8_linear(x, torch.tensor(0.01), packed, s_c, gs, None, torch.float16, config=cfg)
     assert torch.equal(out, ref.w4a8_linear(x, 0.01, packed, s_c, gs, None, torch.float16))
-    out = w4.w4a8_linear(x, per_token, packed, s_c, gs, bias, out_scale=torch.tensor(0.05), config=tiles(lead))
+    out = w4.w4a8_linear(x, per_token, packed, s_c, gs, bias, out_scale=torch.tensor(0.05), config=cfg)
     assert torch.equal(out, ref.w4a8_linear(x, per_token, packed, s_c, gs, bias, out_scale=0.05))
+
+
+def test_w4a8_gemv_on_words_handles_every_nibble_and_byte():
+    """All 16 codes against every int8 x value, at every lane of a word (the regrouping of x's bytes into
+    even and odd columns, and code + 8 - 8 sum(x), exercised exhaustively)."""
+    k = 256 * 16
+    codes = torch.arange(-8, 8, dtype=torch.int8).repeat(k // 16).reshape(1, k)
+    codes = torch.cat([codes, codes.roll(3, dims=1), codes.flip(1)])
+    x = torch.arange(-128, 128, dtype=torch.int8).repeat_interleave(16).reshape(1, k)
+    gs = torch.randint(1, 128, (3, k // 128), generator=torch.Generator().manual_seed(2), dtype=torch.int16)
+    s_c = torch.tensor([1e-3, 2e-3, 3e-3])
+    for xs in (x, x.roll(5, dims=1)):
+        out = w4.w4a8_linear(xs, torch.tensor(1.0), pack_int4(codes), s_c, gs, None, torch.float32,
+                             config=dict(BLOCK_N=4))
+        assert torch.equal(out, ref.w4a8_linear(xs, 1.0, pack_int4(codes), s_c, gs, None, torch.float32))
 
 
 def test_w4a8_extreme_codes_and_group_scales():
@@ -78,10 +112,10 @@ def test_w4a8_extreme_codes_and_group_scales():
     gs = torch.full((n, k // 128), 127, dtype=torch.int16)
     gs[:, 1] = 1
     s_c = torch.rand(n, generator=torch.Generator().manual_seed(0)) + 0.5
-    for m in (1, 20):
+    for m, dp4a in ((1, 1), (1, 0), (20, 1)):
         x = torch.full((m, k), -128, dtype=torch.int8)
         out = w4.w4a8_linear(x, torch.tensor(1.0), pack_int4(codes), s_c, gs, None, torch.float32,
-                             config=tiles((m,)))
+                             config=tiles((m,), dp4a))
         assert torch.equal(out, ref.w4a8_linear(x, 1.0, pack_int4(codes), s_c, gs, None, torch.float32))
     assert float(out.abs().max()) > 2 ** 24
 

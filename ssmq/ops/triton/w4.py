@@ -11,12 +11,15 @@ read as int8: `(b << 4) >> 4` and `b >> 4` (arithmetic shifts) are then the two 
 exact in fp16 and int8, so the per-group products are exact and each group's scale is applied to the
 product's fp32 sum (W4A16) or integer sum (W4A8) once.
 
-Prefill (many rows) is a tiled GEMM on the tensor cores (fp16 products with fp32 accumulation for W4A16,
-fp32 products for fp32 x, int8 products with int32 accumulation for W4A8), one weight group (128 columns)
-per K step.
+Prefill (many rows) of W4A8 is a tiled GEMM on the tensor cores (int8 products with int32 accumulation),
+one weight group (128 columns) per K step; W4A16 has the same GEMM (fp16 products with fp32 accumulation,
+fp32 products for fp32 x) but by default dequantizes the weights to x's dtype and runs cuBLAS.
 Decoding (a few rows) is a GEMV that streams several groups of several weight rows per step on the CUDA
-cores. The W4A8 epilogue is the W8A8 one (ssmq.ops.triton.linear), run without fp contraction, so int8
-outputs are bit-identical to the reference.
+cores. W4A8 decoding reads the weights as int32 words of eight codes and multiplies them with dp4a: the
+low nibbles of a word, XOR 8, are four unsigned bytes code + 8 (columns 8q, 8q+2, 8q+4, 8q+6), the high
+nibbles the odd columns, and x's words are regrouped into its even and odd bytes to match; each group's
+sum is then dot(code + 8, x) - 8 * sum(x), still exact in int32. The W4A8 epilogue is the W8A8 one
+(ssmq.ops.triton.linear), run without fp contraction, so int8 outputs are bit-identical to the reference.
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import triton
 import triton.language as tl
 
 from ssmq.ops.triton.common import PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, next_pow2, scale_mode
-from ssmq.ops.triton.linear import GEMV_MAX_ROWS, _epilogue
+from ssmq.ops.triton.linear import GEMV_MAX_ROWS, _dp4a, _epilogue
 
 _FLOATS = (torch.float16, torch.float32)  # bf16 x takes the reference (the interpreter cannot test it)
 
@@ -136,6 +139,77 @@ def _w4_gemv_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr
            OUT_INT8, OS_MODE)
 
 
+@triton.jit
+def _even_odd_bytes(xa, xb):
+    """The int8 lanes (x0, x2, x4, x6) and (x1, x3, x5, x7) of two int32 words (x0..x3) and (x4..x7)."""
+    top = -16777216  # 0xFF000000 as an int32
+    even = (xa & 0xFF) | ((xa >> 8) & 0xFF00) | ((xb << 16) & 0xFF0000) | ((xb << 8) & top)
+    odd = ((xa >> 8) & 0xFF) | ((xa >> 16) & 0xFF00) | ((xb << 8) & 0xFF0000) | (xb & top)
+    return even, odd
+
+
+@triton.jit
+def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, NG, WG,
+                           stride_xm, stride_wn, stride_gn, stride_om,
+                           XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                           OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, FULL: tl.constexpr,
+                           BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HW: tl.constexpr):
+    """The W4A8 GEMV on int32 words (see the module docstring). WG words per group (HW its power-of-two
+    cover); K, the row strides and the pointers are multiples of 4 bytes (the launcher checks)."""
+    m = tl.program_id(1)
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    gi = tl.arange(0, BLOCK_G)
+    q = tl.arange(0, HW)
+    w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + (rn % N).to(tl.int64)[:, None, None] * (stride_wn // 4)
+    g_rows = gs_ptr + (rn % N).to(tl.int64)[:, None] * stride_gn
+    x_row = x_ptr.to(tl.pointer_type(tl.int32)) + m.to(tl.int64) * (stride_xm // 4)
+    acc = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    for g0 in range(0, NG, BLOCK_G):
+        grp = g0 + gi
+        gmask = grp < NG
+        kw = grp[:, None] * WG + q[None, :]  # (groups, words): word index in the packed row
+        kmask = gmask[:, None] if FULL else gmask[:, None] & (q < WG)[None, :]
+        xa = tl.load(x_row + 2 * kw, mask=kmask, other=0)
+        xb = tl.load(x_row + 2 * kw + 1, mask=kmask, other=0)
+        xe, xo = _even_odd_bytes(xa, xb)
+        ones = tl.full(xa.shape, 0x01010101, tl.int32)
+        xsum = tl.sum(_dp4a(xb, ones, _dp4a(xa, ones, tl.zeros(xa.shape, tl.int32))), axis=1)
+        w = tl.load(w_rows + kw[None, :, :], mask=kmask[None, :, :], other=0)
+        shape: tl.constexpr = (BLOCK_N, BLOCK_G, HW)
+        d = _dp4a((w & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xe[None, :, :], shape), tl.zeros(shape, tl.int32))
+        d = _dp4a(((w >> 4) & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xo[None, :, :], shape), d)
+        part = tl.sum(d, axis=2) - 8 * xsum[None, :]
+        acc += tl.sum(part * tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0).to(tl.int32), axis=1)
+    _epilogue(acc, m, rn, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr, XS_MODE, WS_MODE, HAS_BIAS,
+              OUT_INT8, OS_MODE)
+
+
+@triton.jit
+def _w4_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, GROUP, stride_wn, stride_sn, stride_on,
+                       BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    """W4A16 weights code * scale (fp32 product) in out's dtype, (N, K) from packed bytes (N, K/2)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # byte j: columns 2j and 2j + 1
+    mask = (rn < N)[:, None] & (j < K // 2)[None, :]
+    lo, hi = _unpack(tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + j[None, :], mask=mask, other=0))
+    scale = tl.load(s_ptr + rn.to(tl.int64)[:, None] * stride_sn + (2 * j // GROUP)[None, :], mask=mask, other=0.0)
+    codes = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_J))  # interleaved: column 2j, then 2j + 1
+    w = codes.to(tl.float32) * tl.reshape(tl.join(scale, scale), (BLOCK_N, 2 * BLOCK_J))
+    cols = 2 * tl.program_id(1) * BLOCK_J + tl.arange(0, 2 * BLOCK_J)
+    tl.store(out_ptr + rn.to(tl.int64)[:, None] * stride_on + cols[None, :], w.to(out_ptr.dtype.element_ty),
+             mask=(rn < N)[:, None] & (cols < K)[None, :])
+
+
+def dequantize_w4a16(w_packed: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """The W4A16 weights (N, K) as `dtype` (code * scale in fp32, rounded once), for a cuBLAS matmul."""
+    n, half = w_packed.shape
+    out = torch.empty(n, 2 * half, device=w_packed.device, dtype=dtype)
+    grid = (triton.cdiv(n, 32), triton.cdiv(half, 64))
+    _w4_dequant_kernel[grid](w_packed.view(torch.int8), w_scale, out, n, 2 * half, 2 * half // w_scale.shape[1],
+                             w_packed.stride(0), w_scale.stride(0), out.stride(0), BLOCK_N=32, BLOCK_J=64)
+    return out
+
+
 def _gemm_config(m: int, n: int, x_bytes: int) -> dict[str, int]:
     """Tile shapes by problem size (one 128-column weight group per K step). fp32 activations (x_bytes 4)
     take half the row tile and two stages: a 128 x 128 fp32 tile in three stages needs more shared memory
@@ -161,6 +235,20 @@ def _gemv_config(n: int, n_groups: int, hg: int) -> dict[str, int]:
     return dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=4)
 
 
+def _dp4a_config(n: int, n_groups: int) -> dict[str, int]:
+    """The W4A8 dp4a GEMV's tiles, from gpu_check's m2time sweep on an H200 (mamba2-2.7b and -8b
+    projections and the 8b lm_head): 8 groups per step, 16 weight rows per program for wide layers
+    (N >= 16384), 8 otherwise (fewer rows per program leave too few programs per SM)."""
+    return dict(BLOCK_N=16 if n >= 16384 else 8, BLOCK_G=min(8, next_pow2(n_groups)), num_warps=4)
+
+
+def _dp4a_ready(x2: torch.Tensor, w_packed: torch.Tensor, n_groups: int) -> bool:
+    """Whether x's rows and the packed weights can be read as int32 words, whole words per group."""
+    k = x2.shape[1]
+    return (k % 8 == 0 and (k // n_groups) % 8 == 0 and x2.stride(0) % 4 == 0 and w_packed.stride(0) % 4 == 0
+            and x2.data_ptr() % 4 == 0 and w_packed.data_ptr() % 4 == 0)
+
+
 def _launch(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, out: torch.Tensor,
             xs: torch.Tensor | None, ws: torch.Tensor | None, bias: torch.Tensor | None, os_: torch.Tensor | None,
             modes: tuple[int, int, int], config: dict[str, int] | None) -> None:
@@ -173,13 +261,23 @@ def _launch(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor,
     args = (x2, w_packed.view(torch.int8), group_scale, out, xs if a8 else dummy, ws if a8 else dummy,
             bias.contiguous() if bias is not None else dummy, os_ if os_ is not None else dummy, m, n, n_groups,
             half, x2.stride(0), w_packed.stride(0), group_scale.stride(0), out.stride(0))
-    flags = dict(A8=a8, XS_MODE=modes[0], WS_MODE=modes[1], HAS_BIAS=bias is not None, OUT_INT8=os_ is not None,
-                 OS_MODE=modes[2], FULL=hg == half, enable_fp_fusion=False)
+    flags = dict(XS_MODE=modes[0], WS_MODE=modes[1], HAS_BIAS=bias is not None, OUT_INT8=os_ is not None,
+                 OS_MODE=modes[2], enable_fp_fusion=False)
+    cfg = dict(config or {})
+    use_dp4a = cfg.pop("DP4A", 1)
+    if m <= GEMV_MAX_ROWS and a8 and use_dp4a and _dp4a_ready(x2, w_packed, n_groups):
+        wg = k // n_groups // 8
+        hw = max(2, next_pow2(wg))
+        cfg = {**_dp4a_config(n, n_groups), **cfg}
+        _w4a8_gemv_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args[:11], wg, *args[12:], **flags,
+                                                                     FULL=hw == wg, HW=hw, **cfg)
+        return
+    flags.update(A8=a8, FULL=hg == half)
     if m <= GEMV_MAX_ROWS:
-        cfg = {**_gemv_config(n, n_groups, hg), **(config or {})}
+        cfg = {**_gemv_config(n, n_groups, hg), **cfg}
         _w4_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, HG=hg, **cfg)
     else:
-        cfg = {**_gemm_config(m, n, x2.element_size()), **(config or {})}
+        cfg = {**_gemm_config(m, n, x2.element_size()), **cfg}
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
         _w4_gemm_kernel[grid](*args, **flags, HG=hg, **cfg)
 
@@ -201,7 +299,9 @@ def _operands(x: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor
 def w4a16_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor, bias: torch.Tensor | None = None,
                  out_dtype: torch.dtype | None = None, config: dict[str, int] | None = None) -> torch.Tensor | None:
     """W4A16 linear of x (..., K) (fp16 or fp32) with packed weights (N, K/2) and fp32 group scales
-    (N, K/group); output in out_dtype (default x's). `config` overrides the tile choice. None when the
+    (N, K/group); output in out_dtype (default x's). Up to GEMV_MAX_ROWS rows the GEMV streams the packed
+    weights; more rows dequantize them to x's dtype and run cuBLAS (3x faster at M = 2048 on an H200 than
+    the tiled int4 GEMM, which config DEQUANT=0 selects). `config` overrides the tile choice. None when the
     shapes are not a packed int4 layout (the caller falls back to the reference, which names the error)."""
     if x.dtype not in _FLOATS or w_scale.dtype != torch.float32:
         return None
@@ -211,9 +311,14 @@ def w4a16_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
     x2, w, s = ops
     *lead, _ = x.shape
     n = w.shape[0]
+    cfg = dict(config or {})
+    if x2.shape[0] > GEMV_MAX_ROWS and cfg.pop("DEQUANT", 1):
+        out = torch.nn.functional.linear(x2, dequantize_w4a16(w, s, x.dtype),
+                                         None if bias is None else bias.to(x.dtype))
+        return out.to(out_dtype or x.dtype).reshape(*lead, n)
     out = torch.empty(x2.shape[0], n, device=x.device, dtype=out_dtype or x.dtype)
     if out.numel():
-        _launch(x2, w, s, out, None, None, bias, None, (PER_TENSOR, PER_TENSOR, PER_TENSOR), config)
+        _launch(x2, w, s, out, None, None, bias, None, (PER_TENSOR, PER_TENSOR, PER_TENSOR), cfg)
     return out.reshape(*lead, n)
 
 
