@@ -33,6 +33,9 @@ TINY = dict(d_model=128, d_inner=128, headdim=16, d_state=16, ngroups=2, L=40, B
 # W4A8 GEMV alternatives timed at M = 1 beside the default: the byte kernel, and dp4a tiles (rows, groups, warps)
 W4A8_GEMV_CONFIGS = [dict(DP4A=0)] + [dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=w) for bn, bg, w in (
     (8, 8, 4), (16, 8, 4), (8, 4, 4), (32, 8, 8), (4, 16, 4))]
+# W4A16 dequantization (prefill) tiles: rows, packed bytes, warps
+DEQUANT_CONFIGS = [dict(BLOCK_N=bn, BLOCK_J=bj, num_warps=w) for bn, bj, w in (
+    (32, 64, 4), (16, 128, 4), (8, 256, 4), (32, 128, 8), (64, 64, 8))]
 SSD_CONFIGS = [dict(BLOCK_P=bp, T=t, num_warps=w, num_stages=st) for bp, t, w, st in (
     (32, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 1), (64, 64, 8, 2), (64, 32, 8, 2))]
 
@@ -214,6 +217,10 @@ def timings(device: torch.device, mode: str, budget_s: float, log: Callable[[str
                 "w4a8": row(op, "w4a8", lambda: tw4.w4a8_linear(xq, s, w4[next(it) % copies]["packed"], w4[0]["s_c"],
                                                                 w4[0]["g"], out_dtype=torch.float16)),
             }
+            for cfg in DEQUANT_CONFIGS if m > 1 else ():
+                row(op, "w4a16 dequantize only " + ",".join(f"{v}" for v in cfg.values()),
+                    lambda cfg=cfg: tw4.dequantize_w4a16(w4[next(it) % copies]["packed"], w4[0]["scale"],
+                                                         torch.float16, cfg))
             for cfg in W4A8_GEMV_CONFIGS if m == 1 else ():
                 name = "w4a8 bytes" if cfg.get("DP4A") == 0 else "w4a8 " + ",".join(f"{v}" for v in cfg.values())
                 row(op, name, lambda cfg=cfg: tw4.w4a8_linear(xq, s, w4[next(it) % copies]["packed"], w4[0]["s_c"],

@@ -86,3 +86,15 @@ def test_rotated_weight_cancels_the_online_rotation(n):
     torch.testing.assert_close(F.linear(hadamard_transform(x), rotated, b), F.linear(x, w, b), rtol=1e-4, atol=1e-4)
     # and the rotation preserves norms
     torch.testing.assert_close(hadamard_transform(x).norm(dim=-1), x.norm(dim=-1), rtol=1e-5, atol=0)
+
+
+def test_online_rotation_keeps_the_activation_dtype():
+    """The float rotation before out_proj (W4A16 models) computes in fp32 and returns y's dtype, so an fp16
+    model's out_proj stays an fp16 matmul; fp32 activations are unchanged."""
+    from ssmq.quant.transforms import HadamardRotation
+
+    y = torch.randn(2, 3, 40, generator=torch.Generator().manual_seed(0))
+    rotation = HadamardRotation(40)
+    assert torch.equal(rotation(y), hadamard_transform(y))
+    half = rotation(y.half())
+    assert half.dtype == torch.float16 and torch.equal(half, hadamard_transform(y.half()).half())

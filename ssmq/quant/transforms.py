@@ -24,7 +24,8 @@ from ssmq.quant.reorder import reorder_heads
 
 
 class HadamardRotation(nn.Module):
-    """y -> H y along the last dimension (orthonormal, so out_proj can absorb H^T)."""
+    """y -> H y along the last dimension (orthonormal, so out_proj can absorb H^T), computed in fp32 and
+    returned in y's dtype like any float layer (an fp16 model's out_proj then stays an fp16 matmul)."""
 
     def __init__(self, dim: int):
         super().__init__()
@@ -32,7 +33,7 @@ class HadamardRotation(nn.Module):
         self.dim = dim
 
     def forward(self, y: torch.Tensor) -> torch.Tensor:
-        return ops.hadamard_transform(y)
+        return ops.hadamard_transform(y).to(y.dtype)
 
 
 @torch.no_grad()
