@@ -2,7 +2,8 @@
 their reference ops at mamba2-2.7b shapes, then timed side by side with fp16 and W8A8.
 
   m2checks  ssd_scan fp16 and int8_ssd_scan (grouped scales) prefill of 2048 tokens with an initial state,
-            and their decoding steps (batch 16, static state updated in place); W4A16 / W4A8 linear on
+            and their decoding steps (batch 16, static state updated in place); the gated RMSNorm (fp16
+            prefill at 2.7b, fp32 batch 16 at 8b with 8 groups); W4A16 / W4A8 linear on
             in_proj (2560 -> 10576) and out_proj (5120 -> 2560) at M = 1 (GEMV), 16 and 2048 (GEMM)
   m2time    median us (do_bench; weights cycled through copies so that L2 does not hold them) of fp16
             cuBLAS / W8A8 / W4A16 / W4A8 for those projections at M = 1 and 2048 (and mamba2-8b-like
@@ -117,6 +118,14 @@ def checks(ck, mode: str, budget_s: float) -> list[dict]:
                                                   state_q=qslot)[0], qslot),
                   lambda: int8_scan.int8_ssd_scan(*step.int8_args(), D=step.D, dt_bias=step.dt_bias,
                                                   state_q=step.state_q)))
+    for dims, rows, dtype in ((d, L, torch.float16), (TINY if mode == "dry" else REAL_8B, Bd, torch.float32)):
+        width, group = dims["d_inner"], dims["d_inner"] // dims["ngroups"]
+        zy = torch.randn(rows, 2 * width, device=dev, generator=gen).to(dtype)  # z: a strided slice
+        y, z = zy[:, width:], zy[:, :width]
+        nw = (torch.rand(width, device=dev, generator=gen) + 0.5).to(dtype)
+        cases.append((f"gated_rms_norm {str(dtype)[6:]}", f"({rows},{width}) group={group}",
+                      lambda y=y, z=z, nw=nw, group=group: dispatch.gated_rms_norm(y, z, nw, 1e-5, group),
+                      lambda y=y, z=z, nw=nw, group=group: norm.gated_rms_norm(y, z, nw, 1e-5, group)))
     for label, nout, k in (("in_proj", in_proj_dim(d), d["d_model"]), ("out_proj", d["d_model"], d["d_inner"])):
         w = _random_int4(nout, k, dev, gen)
         bias = torch.randn(nout, device=dev, generator=gen)
@@ -255,7 +264,7 @@ def timings(device: torch.device, mode: str, budget_s: float, log: Callable[[str
         "int8": row(op, "int8", lambda: dispatch.int8_ssd_scan(*one.int8_args(), D=one.D, dt_bias=one.dt_bias,
                                                                state_q=qslot)),
     }
-    # the layer's remaining decoding ops: conv step (fp16 / int8 kernels) and the gated norm (no kernel yet)
+    # the layer's remaining decoding ops: conv step (fp16 / int8 kernels) and the gated norm (one kernel)
     cdim = d["d_inner"] + 2 * d["ngroups"] * d["d_state"]
     xc, wc = torch.randn(1, 1, cdim, device=device, generator=gen).half(), torch.randn(cdim, 4, device=device).half()
     cstate = dispatch.mark_static_state(torch.zeros(1, 3, cdim, device=device, dtype=torch.float16))
@@ -268,9 +277,8 @@ def timings(device: torch.device, mode: str, budget_s: float, log: Callable[[str
         "int8": row(op, "int8", lambda: dispatch.int8_causal_conv1d_silu(xcq, s, wcq, s, None, s, cqstate)),
     }
     y, z, nw = (torch.randn(1, 1, d["d_inner"], device=device).half() for _ in range(3))
-    step_ops["gated norm"] = {"fp16": row("gated RMSNorm step (reference ops)", "fp16",
-                                          lambda: norm.gated_rms_norm(y, z, nw, 1e-5, d["d_inner"] // d["ngroups"]),
-                                          triton=False)}
+    step_ops["gated norm"] = {"fp16": row("gated RMSNorm step", "fp16",
+                                          lambda: dispatch.gated_rms_norm(y, z, nw, 1e-5, d["d_inner"] // d["ngroups"]))}
     hid, res, nw2 = (torch.randn(1, 1, d["d_model"], device=device).half() for _ in range(3))
     op = "residual add + RMSNorm step, batch 1"
     step_ops["add norm"] = {
@@ -289,8 +297,8 @@ def layer_step(ops: dict[str, dict[str, float | None]]) -> dict[str, float]:
     """A Mamba2 layer's decoding step as the sum of its ops' times (launch gaps and the quantized gated
     norm's dequantization of z not included), per precision: fp16 (cuBLAS GEMVs; fp16 add + norm, conv and
     scan kernels), w8a8 / w4a8 (their GEMVs; int8 add + norm + quantize, conv, scan, and the Hadamard +
-    quantize before out_proj), w4a16 (its GEMVs, the fp16 ops). The gated norm (reference torch ops, no
-    kernel yet) counts the same for all."""
+    quantize before out_proj), w4a16 (its GEMVs, the fp16 ops). The gated norm kernel counts the same
+    for all."""
     total = {}
     for variant in ("fp16 cuBLAS", "w8a8", "w4a16", "w4a8"):
         act = "fp16" if variant in ("fp16 cuBLAS", "w4a16") else "int8"

@@ -97,3 +97,22 @@ def test_rms_norm(weight_dtype):
     normed, stored = tnorm.add_rms_norm(x.half(), x, weight, 1e-5)
     assert torch.equal(stored, x + x.half().float())
     assert agreement(normed, norm.rms_norm(stored, weight, 1e-5)).rel_error < 1e-6
+
+
+@pytest.mark.parametrize("weight_dtype", [torch.float16, torch.float32])
+@pytest.mark.parametrize("width,group", [(64, 64), (80, 20), (96, 24)])
+def test_gated_rms_norm(weight_dtype, width, group):
+    """Mamba2's gated norm: one group per row (ngroups 1) and several; non-power-of-two groups; the gate a
+    strided slice (z of in_proj's output); fp16 and fp32 inputs and weights."""
+    g = torch.Generator().manual_seed(width + group)
+    zx = torch.randn(3, 5, 2 * width, generator=g) * 2
+    gate, y = zx[..., :width], torch.randn(3, 5, width, generator=g)
+    weight = (torch.rand(width, generator=g) + 0.5).to(weight_dtype)
+    for dtype in (torch.float16, torch.float32):
+        out = tnorm.gated_rms_norm(y.to(dtype), gate.to(dtype), weight, 1e-5, group)
+        ref = norm.gated_rms_norm(y.to(dtype), gate.to(dtype), weight, 1e-5, group)
+        assert out.dtype == ref.dtype == weight_dtype
+        # fp32: exp and rsqrt approximations only; fp16 weights: a few elements round to the neighbouring
+        # fp16 value (one ulp ~ 5e-4 relative)
+        assert agreement(out, ref).rel_error < (2e-4 if weight_dtype == torch.float16 else 1e-5)
+    assert tnorm.gated_rms_norm(y, gate, weight, 1e-5, width - 1) is None  # groups must divide the width

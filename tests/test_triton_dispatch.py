@@ -78,6 +78,26 @@ def test_embedding(route):
     assert torch.equal(dispatch.int8_embedding(ids, codes, scales), int8_embedding.int8_embedding(ids, codes, scales))
 
 
+def test_int4_embedding(route):
+    from ssmq.ops.int4 import int4_embedding, pack_int4, quantize_int4
+
+    codes, scale = quantize_int4(torch.randn(10, 256, generator=torch.Generator().manual_seed(4)))
+    ids = torch.tensor([[1, 9, 3]])
+    out = dispatch.int4_embedding(ids, pack_int4(codes), scale)
+    assert torch.equal(out, int4_embedding(ids, pack_int4(codes), scale))
+    with pytest.raises(SsmqError, match="embedding row scales"):
+        dispatch.int4_embedding(ids, pack_int4(codes), torch.zeros_like(scale))
+
+
+def test_gated_norm(route):
+    g = torch.Generator().manual_seed(5)
+    y, z, w = torch.randn(2, 3, 32, generator=g), torch.randn(2, 3, 32, generator=g), torch.rand(32, generator=g)
+    out = dispatch.gated_rms_norm(y, z, w, 1e-5, 8)
+    assert agreement(out, norm.gated_rms_norm(y, z, w, 1e-5, 8)).rel_error < 1e-6
+    with pytest.raises(RuntimeError):  # groups that do not divide the width: the reference's error
+        dispatch.gated_rms_norm(y, z, w, 1e-5, 5)
+
+
 def test_every_scale_is_checked(route):
     with pytest.raises(SsmqError, match="x_scale"):
         dispatch.int8_linear(i8(2, 8), torch.tensor(0.0), i8(4, 8), torch.tensor(1.0))

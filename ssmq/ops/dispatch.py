@@ -46,14 +46,13 @@ from ssmq.ops.triton import HAS_TRITON
 
 __all__ = [
     "add_rms_norm", "causal_conv1d", "causal_conv1d_silu", "dequantize", "gated_rms_norm", "hadamard_quantize",
-    "hadamard_transform", "int8_add_rms_norm", "int8_causal_conv1d", "int8_causal_conv1d_silu", "int8_embedding",
+    "hadamard_transform", "int4_embedding", "int8_add_rms_norm", "int8_causal_conv1d", "int8_causal_conv1d_silu", "int8_embedding",
     "int8_lm_head", "int8_linear", "int8_selective_scan", "int8_ssd_scan", "mark_static_state", "quantize",
     "rms_norm", "selective_scan", "ssd_scan", "uses_kernels", "w4a16_linear", "w4a8_linear", "weight_only_linear",
 ]
 
-# reference ops with no kernel yet (gated norm, W8A16): the dispatch is the identity
+# reference ops with no kernel yet (dequantize, the int8 lm_head, W8A16): the dispatch is the identity
 dequantize = _quantize.dequantize
-gated_rms_norm = _norm.gated_rms_norm
 int8_lm_head = _int8_embedding.int8_lm_head
 weight_only_linear = _int8_linear.weight_only_linear
 
@@ -225,6 +224,16 @@ def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
     if uses_kernels(x, weight) and x.dtype in _FLOATS and weight.dtype in _FLOATS:
         return _k().norm.rms_norm(x, weight, eps)
     return _norm.rms_norm(x, weight, eps)
+
+
+def gated_rms_norm(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
+                   group_size: int) -> torch.Tensor:
+    """ssmq.ops.norm.gated_rms_norm."""
+    if uses_kernels(y, gate, weight) and all(t.dtype in _FLOATS for t in (y, gate, weight)):
+        out = _k().norm.gated_rms_norm(y, gate, weight, eps, group_size)
+        if out is not None:
+            return out
+    return _norm.gated_rms_norm(y, gate, weight, eps, group_size)
 
 
 def add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,

@@ -1,5 +1,6 @@
 """Residual add + RMSNorm (+ int8 quantization) kernels: ssmq.ops.norm.rms_norm and
-ssmq.ops.int8_norm.int8_add_rms_norm, one program per row, the row held in registers.
+ssmq.ops.int8_norm.int8_add_rms_norm, one program per row, the row held in registers; and Mamba2's
+gated group-wise RMSNorm (ssmq.ops.norm.gated_rms_norm), one program per (row, group).
 
     r      = fp32(residual) + fp32(hidden)        (fp32(hidden) without a residual)
     stored = r, or r rounded to hidden's dtype     -> written back as the new residual
@@ -66,8 +67,12 @@ def _launch(hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
     _add_rms_norm_kernel[(rows,)](
         h2, r2, weight.contiguous(), out, res_out if res_out is not None else out, os_, d, h2.stride(0),
         r2.stride(0), eps, HAS_RES=residual is not None, STORE_RES=res_out is not None, ROUND_RES=round_res,
-        OUT_INT8=out_scale is not None, OS_MODE=os_mode, BLOCK=block,
-        num_warps=4 if block <= 2048 else 8 if block <= 8192 else 16, enable_fp_fusion=False)
+        OUT_INT8=out_scale is not None, OS_MODE=os_mode, BLOCK=block, num_warps=_warps(block),
+        enable_fp_fusion=False)
+
+
+def _warps(block: int) -> int:
+    return 4 if block <= 2048 else 8 if block <= 8192 else 16
 
 
 def rms_norm(x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
@@ -98,3 +103,37 @@ def int8_add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, weigh
     res = torch.empty(hidden.shape, dtype=torch.float32 if residual_in_fp32 else hidden.dtype, device=hidden.device)
     _launch(hidden, residual, weight, eps, out, res, not residual_in_fp32, out_scale, mode)
     return out, res
+
+
+@triton.jit
+def _gated_rms_norm_kernel(y_ptr, g_ptr, w_ptr, out_ptr, D, GROUP, stride_y, stride_g, eps,
+                           BLOCK: tl.constexpr):
+    """h = fp32(y) * silu(fp32(gate)) over one group of one row; out = w * (h * rsqrt(mean(h^2) + eps)),
+    the normalised value rounded to w's dtype before the product, as the reference."""
+    row = tl.program_id(0).to(tl.int64)
+    cols = tl.program_id(1) * GROUP + tl.arange(0, BLOCK)
+    mask = tl.arange(0, BLOCK) < GROUP
+    y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    h = y * (g / (1.0 + tl.exp(-g)))
+    normed = h * tl.rsqrt(tl.sum(h * h, axis=0) / GROUP + eps)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    v = w.to(tl.float32) * normed.to(w_ptr.dtype.element_ty).to(tl.float32)
+    tl.store(out_ptr + row * D + cols, v.to(out_ptr.dtype.element_ty), mask=mask)
+
+
+def gated_rms_norm(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
+                   group_size: int) -> torch.Tensor | None:
+    """ssmq.ops.norm.gated_rms_norm in one kernel, in weight's dtype; None when the shapes are not those
+    of a gated norm (the caller runs the reference, which raises the error)."""
+    d = y.shape[-1]
+    if gate.shape != y.shape or weight.shape != (d,) or group_size < 1 or d % group_size:
+        return None
+    y2, g2 = _rows(y, d), _rows(gate, d)
+    out = torch.empty(y.shape, dtype=weight.dtype, device=y.device)
+    if y2.shape[0]:
+        block = next_pow2(group_size)
+        _gated_rms_norm_kernel[(y2.shape[0], d // group_size)](
+            y2, g2, weight.contiguous(), out, d, group_size, y2.stride(0), g2.stride(0), eps, BLOCK=block,
+            num_warps=_warps(block), enable_fp_fusion=False)
+    return out
