@@ -137,6 +137,24 @@ def test_qtensor_cat_and_reshape_carry_scales():
     assert r.scale.shape == (3, 2) and torch.equal(r.dequantize().reshape(2, 3, 6), c.dequantize())
 
 
+def test_cat_channels_joins_adjacent_slices_without_a_copy():
+    """Mamba2's x | B | C are adjacent slices of the in_proj output: joined as a view (codes and per-channel
+    scales); anything else is copied as torch.cat does, with the same values."""
+    out = torch.randn(2, 5, 12)
+    x, B, C = out[..., 2:6], out[..., 6:9], out[..., 9:11]
+    joined = cat_channels([x, B, C])
+    assert joined.data_ptr() == x.data_ptr() and torch.equal(joined, torch.cat([x, B, C], -1))
+    codes, scale = torch.randint(-9, 9, (2, 5, 12), dtype=torch.int8), torch.rand(12) + 0.1
+    parts = QTensor(codes, scale).split([2, 4, 3, 2, 1])
+    q = cat_channels(parts[1:4])
+    assert q.codes.data_ptr() == parts[1].codes.data_ptr() and q.scale.data_ptr() == parts[1].scale.data_ptr()
+    torch.testing.assert_close(q.dequantize(), QTensor(codes, scale).dequantize()[..., 2:11])
+    buf = torch.arange(12.0)
+    overlapping = [buf.as_strided((3, 2), (2, 1), 0), buf.as_strided((3, 2), (2, 1), 2)]  # rows 2 apart
+    for case in ([x, C], [C, x], overlapping, [x.clone().requires_grad_(), B]):
+        joined = cat_channels(case)
+        assert joined.data_ptr() != case[0].data_ptr() and torch.equal(joined, torch.cat(case, -1))
+
 def test_qtensor_reshape_to_one_group_adds_a_unit_dimension():
     codes = torch.arange(-12, 12, dtype=torch.int8).reshape(2, 3, 4)
     for scale in (torch.tensor([0.5, 1.0, 2.0, 4.0]), torch.rand(2, 3, 1) + 0.1):

@@ -58,9 +58,13 @@ class QTensor:
 
 def cat_channels(parts: Sequence[torch.Tensor | QTensor]) -> torch.Tensor | QTensor:
     """Concatenate along the last dimension: tensors as torch.cat does; QTensors (all or none) into one
-    QTensor whose scale is per channel (each part's scale broadcast over its own channels)."""
+    QTensor whose scale is per channel (each part's scale broadcast over its own channels).
+
+    Parts that are adjacent slices of one tensor (Mamba2's x, B and C of the in_proj output) are joined
+    as a view of it, without a copy; so are per-channel scales that are adjacent slices of one vector."""
     if not any(isinstance(p, QTensor) for p in parts):
-        return torch.cat(list(parts), dim=-1)
+        joined = _joined_view(parts)
+        return joined if joined is not None else torch.cat(list(parts), dim=-1)
     if not all(isinstance(p, QTensor) for p in parts):
         raise TypeError("cat_channels: mix of QTensor and float parts")
     scales = [p.scale.expand(*p.scale.shape[:-1], p.codes.shape[-1]) if p.scale.dim()
@@ -68,4 +72,26 @@ def cat_channels(parts: Sequence[torch.Tensor | QTensor]) -> torch.Tensor | QTen
     if len({tuple(s.shape[:-1]) for s in scales}) > 1:
         raise ValueError("cat_channels: the parts' scales do not line up (per-tensor or per-channel scales "
                          "with per-row ones)")
-    return QTensor(torch.cat([p.codes for p in parts], dim=-1), torch.cat(list(scales), dim=-1))
+    codes = _joined_view([p.codes for p in parts])
+    scale = _joined_view(scales)
+    return QTensor(codes if codes is not None else torch.cat([p.codes for p in parts], dim=-1),
+                   scale if scale is not None else torch.cat(list(scales), dim=-1))
+
+
+def _joined_view(parts: Sequence[torch.Tensor]) -> torch.Tensor | None:
+    """The view of the storage that `parts` tile side by side along their last (unit-stride) dimension,
+    or None when they are not such slices (other storage, strides, gaps, overlapping rows, or autograd)."""
+    first = parts[0]
+    if first.dim() == 0 or first.stride(-1) != 1 or any(p.requires_grad for p in parts):
+        return None
+    ptr, offset = first.untyped_storage().data_ptr(), first.storage_offset()
+    for p in parts:
+        if (p.dtype != first.dtype or p.device != first.device or p.shape[:-1] != first.shape[:-1]
+                or p.stride() != first.stride() or p.untyped_storage().data_ptr() != ptr
+                or p.storage_offset() != offset):
+            return None
+        offset += p.shape[-1]
+    width = offset - first.storage_offset()
+    if first.dim() > 1 and any(n > 1 and st < width for n, st in zip(first.shape[:-1], first.stride()[:-1])):
+        return None
+    return first.as_strided((*first.shape[:-1], width), first.stride(), first.storage_offset())
