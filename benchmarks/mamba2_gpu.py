@@ -126,6 +126,13 @@ def checks(ck, mode: str, budget_s: float) -> list[dict]:
         cases.append((f"gated_rms_norm {str(dtype)[6:]}", f"({rows},{width}) group={group}",
                       lambda y=y, z=z, nw=nw, group=group: dispatch.gated_rms_norm(y, z, nw, 1e-5, group),
                       lambda y=y, z=z, nw=nw, group=group: norm.gated_rms_norm(y, z, nw, 1e-5, group)))
+        zq = torch.randint(-127, 128, (rows, width), device=dev, generator=gen, dtype=torch.int8)
+        zs = torch.rand(width, device=dev, generator=gen) * 0.05 + 0.01
+        cases.append((f"gated_rms_norm, int8 gate, {str(dtype)[6:]} y", f"({rows},{width}) group={group}",
+                      lambda y=y, zq=zq, zs=zs, nw=nw, group=group: dispatch.dequant_gated_rms_norm(
+                          y, zq, zs, nw.float(), 1e-5, group),
+                      lambda y=y, zq=zq, zs=zs, nw=nw, group=group: norm.gated_rms_norm(
+                          y, zq.float() * zs, nw.float(), 1e-5, group)))
     for label, nout, k in (("in_proj", in_proj_dim(d), d["d_model"]), ("out_proj", d["d_model"], d["d_inner"])):
         w = _random_int4(nout, k, dev, gen)
         bias = torch.randn(nout, device=dev, generator=gen)

@@ -116,3 +116,14 @@ def test_gated_rms_norm(weight_dtype, width, group):
         # fp16 value (one ulp ~ 5e-4 relative)
         assert agreement(out, ref).rel_error < (2e-4 if weight_dtype == torch.float16 else 1e-5)
     assert tnorm.gated_rms_norm(y, gate, weight, 1e-5, width - 1) is None  # groups must divide the width
+
+
+def test_gated_rms_norm_on_an_int8_gate():
+    """Quantized z: codes * scale (one value or one per channel) inside the kernel, as dequantize + norm."""
+    g = torch.Generator().manual_seed(7)
+    y, codes = torch.randn(4, 48, generator=g), torch.randint(-127, 128, (4, 96), generator=g, dtype=torch.int8)
+    gate, weight = codes[:, 48:], torch.rand(48, generator=g) + 0.5
+    for scale in (torch.tensor(0.03), torch.rand(48, generator=g) * 0.05 + 0.01):
+        out = tnorm.gated_rms_norm(y, gate, weight, 1e-5, 16, scale)
+        assert agreement(out, norm.gated_rms_norm(y, gate.float() * scale, weight, 1e-5, 16)).rel_error < 1e-5
+    assert tnorm.gated_rms_norm(y, gate, weight, 1e-5, 16, torch.rand(4, 48)) is None  # not a supported layout

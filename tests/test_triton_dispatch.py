@@ -96,6 +96,12 @@ def test_gated_norm(route):
     assert agreement(out, norm.gated_rms_norm(y, z, w, 1e-5, 8)).rel_error < 1e-6
     with pytest.raises(RuntimeError):  # groups that do not divide the width: the reference's error
         dispatch.gated_rms_norm(y, z, w, 1e-5, 5)
+    codes = torch.randint(-127, 128, (2, 3, 32), generator=g, dtype=torch.int8)
+    for scale in (torch.tensor(0.02), torch.rand(32, generator=g) * 0.05 + 0.01):
+        out = dispatch.dequant_gated_rms_norm(y, codes, scale, w, 1e-5, 8)
+        assert agreement(out, norm.gated_rms_norm(y, codes.float() * scale, w, 1e-5, 8)).rel_error < 1e-6
+    with pytest.raises(SsmqError, match="gate scale"):
+        dispatch.dequant_gated_rms_norm(y, codes, torch.tensor(-1.0), w, 1e-5, 8)
 
 
 def test_every_scale_is_checked(route):

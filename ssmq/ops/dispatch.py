@@ -45,10 +45,11 @@ from ssmq.ops.quantize import ScaleLike, check_int8, check_scale
 from ssmq.ops.triton import HAS_TRITON
 
 __all__ = [
-    "add_rms_norm", "causal_conv1d", "causal_conv1d_silu", "dequantize", "gated_rms_norm", "hadamard_quantize",
-    "hadamard_transform", "int4_embedding", "int8_add_rms_norm", "int8_causal_conv1d", "int8_causal_conv1d_silu", "int8_embedding",
-    "int8_lm_head", "int8_linear", "int8_selective_scan", "int8_ssd_scan", "mark_static_state", "quantize",
-    "rms_norm", "selective_scan", "ssd_scan", "uses_kernels", "w4a16_linear", "w4a8_linear", "weight_only_linear",
+    "add_rms_norm", "causal_conv1d", "causal_conv1d_silu", "dequant_gated_rms_norm", "dequantize",
+    "gated_rms_norm", "hadamard_quantize", "hadamard_transform", "int4_embedding", "int8_add_rms_norm",
+    "int8_causal_conv1d", "int8_causal_conv1d_silu", "int8_embedding", "int8_lm_head", "int8_linear",
+    "int8_selective_scan", "int8_ssd_scan", "mark_static_state", "quantize", "rms_norm", "selective_scan",
+    "ssd_scan", "uses_kernels", "w4a16_linear", "w4a8_linear", "weight_only_linear",
 ]
 
 # reference ops with no kernel yet (dequantize, the int8 lm_head, W8A16): the dispatch is the identity
@@ -234,6 +235,20 @@ def gated_rms_norm(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
         if out is not None:
             return out
     return _norm.gated_rms_norm(y, gate, weight, eps, group_size)
+
+
+def dequant_gated_rms_norm(y: torch.Tensor, gate_codes: torch.Tensor, gate_scale: ScaleLike, weight: torch.Tensor,
+                           eps: float, group_size: int) -> torch.Tensor:
+    """gated_rms_norm(y, dequantize(gate_codes, gate_scale), weight, eps, group_size): the gated norm on an
+    int8 gate (Mamba2's quantized z), dequantized inside the kernel on CUDA."""
+    if uses_kernels(y, gate_codes, weight) and y.dtype in _FLOATS and weight.dtype in _FLOATS:
+        check_int8(gate_codes, "gate codes")
+        out = _k().norm.gated_rms_norm(y, gate_codes, weight, eps, group_size,
+                                       _scale(gate_scale, "gate scale", y.device))
+        if out is not None:
+            return out
+    return _norm.gated_rms_norm(y, _quantize.dequantize(gate_codes, gate_scale, "gate scale"), weight, eps,
+                                group_size)
 
 
 def add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.Tensor, eps: float,

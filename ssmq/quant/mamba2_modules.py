@@ -152,5 +152,6 @@ class QuantGatedRMSNorm(nn.Module):
         self.eps, self.group_size = eps, group_size
 
     def forward(self, y: torch.Tensor, z: QTensor | torch.Tensor) -> torch.Tensor:
-        gate = z.dequantize() if isinstance(z, QTensor) else z
-        return ops.gated_rms_norm(y, gate, self.weight.float(), self.eps, self.group_size)
+        if isinstance(z, QTensor):
+            return ops.dequant_gated_rms_norm(y, z.codes, z.scale, self.weight.float(), self.eps, self.group_size)
+        return ops.gated_rms_norm(y, z, self.weight.float(), self.eps, self.group_size)

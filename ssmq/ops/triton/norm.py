@@ -15,7 +15,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmq.ops.triton.common import PER_TENSOR, flat_scale, load_scale, next_pow2, quantize_rn, scale_mode
+from ssmq.ops.triton.common import (PER_CHANNEL, PER_TENSOR, flat_scale, load_scale, next_pow2, quantize_rn,
+                                    scale_mode)
 
 
 @triton.jit
@@ -106,15 +107,18 @@ def int8_add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, weigh
 
 
 @triton.jit
-def _gated_rms_norm_kernel(y_ptr, g_ptr, w_ptr, out_ptr, D, GROUP, stride_y, stride_g, eps,
-                           BLOCK: tl.constexpr):
-    """h = fp32(y) * silu(fp32(gate)) over one group of one row; out = w * (h * rsqrt(mean(h^2) + eps)),
-    the normalised value rounded to w's dtype before the product, as the reference."""
+def _gated_rms_norm_kernel(y_ptr, g_ptr, gs_ptr, w_ptr, out_ptr, D, GROUP, stride_y, stride_g, eps,
+                           GATE_Q: tl.constexpr, GS_MODE: tl.constexpr, BLOCK: tl.constexpr):
+    """h = fp32(y) * silu(gate) over one group of one row, gate = fp32(gate), or fp32(codes) * scale for an
+    int8 gate (GATE_Q); out = w * (h * rsqrt(mean(h^2) + eps)), the normalised value rounded to w's dtype
+    before the product, as the reference."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * GROUP + tl.arange(0, BLOCK)
     mask = tl.arange(0, BLOCK) < GROUP
     y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
-    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0.0).to(tl.float32)
+    g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0).to(tl.float32)
+    if GATE_Q:
+        g = g * load_scale(gs_ptr, GS_MODE, row, cols, mask)
     h = y * (g / (1.0 + tl.exp(-g)))
     normed = h * tl.rsqrt(tl.sum(h * h, axis=0) / GROUP + eps)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
@@ -122,18 +126,25 @@ def _gated_rms_norm_kernel(y_ptr, g_ptr, w_ptr, out_ptr, D, GROUP, stride_y, str
     tl.store(out_ptr + row * D + cols, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
-def gated_rms_norm(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float,
-                   group_size: int) -> torch.Tensor | None:
-    """ssmq.ops.norm.gated_rms_norm in one kernel, in weight's dtype; None when the shapes are not those
-    of a gated norm (the caller runs the reference, which raises the error)."""
+def gated_rms_norm(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int,
+                   gate_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+    """ssmq.ops.norm.gated_rms_norm in one kernel, in weight's dtype; with `gate_scale`, gate is int8 codes
+    and the gate values are codes * gate_scale (fp32; one value or one per channel). None when the shapes
+    or the scale layout are not ones the kernel takes (the caller runs the reference, which raises any
+    error)."""
     d = y.shape[-1]
     if gate.shape != y.shape or weight.shape != (d,) or group_size < 1 or d % group_size:
+        return None
+    gs_mode = PER_TENSOR if gate_scale is None else scale_mode(gate_scale, gate.shape)
+    if gs_mode not in (PER_TENSOR, PER_CHANNEL):
         return None
     y2, g2 = _rows(y, d), _rows(gate, d)
     out = torch.empty(y.shape, dtype=weight.dtype, device=y.device)
     if y2.shape[0]:
         block = next_pow2(group_size)
+        gs = weight if gate_scale is None else flat_scale(gate_scale, y.device)
         _gated_rms_norm_kernel[(y2.shape[0], d // group_size)](
-            y2, g2, weight.contiguous(), out, d, group_size, y2.stride(0), g2.stride(0), eps, BLOCK=block,
-            num_warps=_warps(block), enable_fp_fusion=False)
+            y2, g2, gs, weight.contiguous(), out, d, group_size, y2.stride(0), g2.stride(0), eps,
+            GATE_Q=gate_scale is not None, GS_MODE=gs_mode, BLOCK=block, num_warps=_warps(block),
+            enable_fp_fusion=False)
     return out
