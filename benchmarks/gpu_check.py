@@ -472,7 +472,7 @@ def bench(device: torch.device, args: argparse.Namespace, int8_head: bool = True
           transformers: bool = True) -> dict:
     """`ssmq bench --shape S [--int8-head]`'s comparison (ssmq.bench.run.compare_models) of fp16 and a quamba1
     twin labelled "w8a8", on random weights."""
-    from ssmq.bench.models import prepare_for_inference, random_fp_model, random_w8a8_model
+    from ssmq.bench.models import prepare_for_inference, random_fp_model, random_quantized_model
     from ssmq.bench.run import BenchSettings, compare_models
     from ssmq.bench.shapes import shape_config
 
@@ -481,7 +481,8 @@ def bench(device: torch.device, args: argparse.Namespace, int8_head: bool = True
                              batches=tuple(int(b) for b in (batches or args.batch).split(",")), repeats=args.repeats,
                              transformers=transformers and not args.no_transformers, int8_head=int8_head)
     fp = prepare_for_inference(random_fp_model(cfg, device))
-    q = prepare_for_inference(random_w8a8_model(cfg, device, int8_head=int8_head))
+    q = prepare_for_inference(random_quantized_model(cfg, device, quantize_embedding=int8_head,
+                                                        quantize_lm_head=int8_head))
     result = compare_models(fp, {"w8a8": q}, settings)
     return {"settings": result.settings, "environment": result.environment, "rows": result.rows}
 

@@ -18,7 +18,7 @@ import torch.nn.functional as F  # noqa: E402
 from safetensors import safe_open  # noqa: E402
 
 import ssmq  # noqa: E402
-from ssmq.bench.models import random_fp_model, random_w8a8_model  # noqa: E402
+from ssmq.bench.models import random_fp_model, random_quantized_model  # noqa: E402
 from ssmq.models.config import MambaConfig  # noqa: E402
 from ssmq.ops import conv, dispatch  # noqa: E402
 from ssmq.quant.qmodel import load_quantized, save_quantized  # noqa: E402
@@ -31,7 +31,7 @@ CAL = dict(n=2, seqlen=16, progress=False)
 
 
 def w8a8(int8_head: bool = False):
-    return random_w8a8_model(TINY, "cpu", seed=1, int8_head=int8_head)
+    return random_quantized_model(TINY, "cpu", seed=1, quantize_embedding=int8_head, quantize_lm_head=int8_head)
 
 
 def fp32_model():

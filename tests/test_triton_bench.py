@@ -9,7 +9,7 @@ import ssmq
 
 from ssmq.bench.graphs import static_cache
 from ssmq.bench.memory import weight_bytes
-from ssmq.bench.models import prepare_for_inference, random_fp_model, random_w8a8_model
+from ssmq.bench.models import prepare_for_inference, random_fp_model, random_quantized_model
 from ssmq.bench.run import BenchSettings, compare_models
 from ssmq.bench.shapes import shape_config
 from ssmq.cli.main import cli
@@ -36,19 +36,19 @@ def test_weight_bytes_count_tied_weights_once():
     fp = random_fp_model(TINY, "cpu")
     params = sum(p.numel() for p in fp.parameters())  # parameters() yields the tied weight once
     assert weight_bytes(fp) == 2 * params
-    q = random_w8a8_model(TINY, "cpu")
+    q = random_quantized_model(TINY, "cpu")
     assert weight_bytes(q) < weight_bytes(fp)
 
 
 def test_int8_head_shares_one_table():
-    q = random_w8a8_model(TINY, "cpu", int8_head=True)
+    q = random_quantized_model(TINY, "cpu", quantize_embedding=True, quantize_lm_head=True)
     assert q.lm_head.weight is q.backbone.embeddings.weight
     assert q.lm_head.weight_scale is q.backbone.embeddings.weight_scale
-    assert weight_bytes(q) < weight_bytes(random_w8a8_model(TINY, "cpu"))
+    assert weight_bytes(q) < weight_bytes(random_quantized_model(TINY, "cpu"))
 
 
 def test_static_cache_keeps_storage_and_continues_exactly():
-    q = prepare_for_inference(random_w8a8_model(TINY, "cpu"))
+    q = prepare_for_inference(random_quantized_model(TINY, "cpu"))
     ids = torch.randint(0, 128, (2, 6), generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref_cache, cache = q.new_cache(), static_cache(TINY.n_layer)
@@ -64,7 +64,7 @@ def test_static_cache_keeps_storage_and_continues_exactly():
 
 def test_compare_reports_both_models_and_ratios():
     fp = prepare_for_inference(random_fp_model(TINY, "cpu", dtype=torch.float32))
-    q = prepare_for_inference(random_w8a8_model(TINY, "cpu"))
+    q = prepare_for_inference(random_quantized_model(TINY, "cpu"))
     result = compare_models(fp, {"w8a8": q}, BenchSettings(prompt_len=4, gen_len=2, batches=(1,), repeats=1,
                                                               transformers=False))
     row = result.rows[0]

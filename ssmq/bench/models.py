@@ -191,13 +191,6 @@ def random_quantized_model(cfg: MambaConfig, device: torch.device | str, recipe:
     return QuantizedMambaLM(model, book, qc).eval()
 
 
-def random_w8a8_model(cfg: MambaConfig, device: torch.device | str, seed: int = 0, recipe: str = "quamba1",
-                      int8_head: bool = False) -> QuantizedMambaLM:
-    """`random_quantized_model` of a W8A8 recipe (quamba1 by default); with `int8_head` the embedding and
-    lm_head are int8 too (quantize_embedding and quantize_lm_head), one shared table with tied embeddings."""
-    return random_quantized_model(cfg, device, recipe, seed, quantize_embedding=int8_head, quantize_lm_head=int8_head)
-
-
 def bench_recipes(names: Sequence[str] | None, arch: str) -> list[str]:
     """The recipes whose random twins `ssmq bench` times for a model of `arch`: `names` checked (known,
     applicable to arch, each once), or DEFAULT_RECIPES[arch] when none are given."""

@@ -130,10 +130,7 @@ def int4_embedding(ids: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
     """ssmq.ops.int4.int4_embedding; on CUDA the group scales are validated once per version, so a CUDA
     graph capture of a step that embeds tokens holds no host sync."""
     if uses_kernels(ids, packed, scale):
-        scales = _scale(scale, "embedding row scales", packed.device)
-        rows = _int4.unpack_int4(packed[ids])
-        _int4.groups_of(rows.shape[-1], scales.shape[-1], "embedding row scales")
-        return (rows.float() * _int4.expand_groups(scales[ids], rows.shape[-1])).to(out_dtype)
+        return _int4.gather_int4_rows(ids, packed, _scale(scale, "embedding row scales", packed.device), out_dtype)
     return _int4.int4_embedding(ids, packed, scale, out_dtype)
 
 

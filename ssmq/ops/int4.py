@@ -154,7 +154,13 @@ def int4_embedding(ids: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
                    out_dtype: torch.dtype = torch.float16) -> torch.Tensor:
     """Rows of a W4A16 table (packed (vocab, d/2), fp32 group scales (vocab, d/group)) for token ids (...):
     code * scale in fp32, cast to out_dtype."""
-    s = check_scale(scale, "embedding row scales").to(packed.device)
+    return gather_int4_rows(ids, packed, check_scale(scale, "embedding row scales").to(packed.device), out_dtype)
+
+
+def gather_int4_rows(ids: torch.Tensor, packed: torch.Tensor, scale: torch.Tensor,
+                     out_dtype: torch.dtype) -> torch.Tensor:
+    """int4_embedding with `scale` already validated and on packed's device (the GPU route checks it once,
+    not on every call)."""
     rows = unpack_int4(packed[ids])
-    groups_of(rows.shape[-1], s.shape[-1], "embedding row scales")
-    return (rows.float() * expand_groups(s[ids], rows.shape[-1])).to(out_dtype)
+    groups_of(rows.shape[-1], scale.shape[-1], "embedding row scales")
+    return (rows.float() * expand_groups(scale[ids], rows.shape[-1])).to(out_dtype)
