@@ -149,13 +149,14 @@ def _even_odd_bytes(xa, xb):
 
 
 @triton.jit
-def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, NG, WG,
+def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, NG, HALF,
                            stride_xm, stride_wn, stride_gn, stride_om,
                            XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                            OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, FULL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HW: tl.constexpr):
-    """The W4A8 GEMV on int32 words (see the module docstring). WG words per group (HW its power-of-two
-    cover); K, the row strides and the pointers are multiples of 4 bytes (the launcher checks)."""
+    """The W4A8 GEMV on int32 words (see the module docstring): HALF bytes, so HALF / 4 words, per group (HW
+    their power-of-two cover); K, the row strides and the pointers are multiples of 4 bytes (the launcher
+    checks)."""
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     gi = tl.arange(0, BLOCK_G)
@@ -163,6 +164,7 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
     w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + (rn % N).to(tl.int64)[:, None, None] * (stride_wn // 4)
     g_rows = gs_ptr + (rn % N).to(tl.int64)[:, None] * stride_gn
     x_row = x_ptr.to(tl.pointer_type(tl.int32)) + m.to(tl.int64) * (stride_xm // 4)
+    WG = HALF // 4
     acc = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for g0 in range(0, NG, BLOCK_G):
         grp = g0 + gi
@@ -270,11 +272,10 @@ def _launch(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor,
     cfg = dict(config or {})
     use_dp4a = cfg.pop("DP4A", 1)
     if m <= GEMV_MAX_ROWS and a8 and use_dp4a and _dp4a_ready(x2, w_packed, n_groups):
-        wg = k // n_groups // 8
-        hw = max(2, next_pow2(wg))
+        hw = max(2, next_pow2(half // 4))
         cfg = {**_dp4a_config(n, n_groups), **cfg}
-        _w4a8_gemv_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args[:11], wg, *args[12:], **flags,
-                                                                     FULL=hw == wg, HW=hw, **cfg)
+        _w4a8_gemv_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, FULL=hw == half // 4, HW=hw,
+                                                                     **cfg)
         return
     flags.update(A8=a8, FULL=hg == half)
     if m <= GEMV_MAX_ROWS:
