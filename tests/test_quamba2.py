@@ -12,7 +12,8 @@ import ssmq
 from ssmq.errors import SsmqError
 from ssmq.eval.compare import layer_errors
 from ssmq.ops.qtensor import QTensor, cat_channels
-from ssmq.quant.mamba2_modules import QuantSSDScan, channel_scale, ssd_scale
+from ssmq.ops.norm import gated_rms_norm
+from ssmq.quant.mamba2_modules import QuantGatedRMSNorm, QuantSSDScan, channel_scale, ssd_scale
 from ssmq.quant.qmodel import QUANT_CONFIG, load_quantized, save_quantized
 from ssmq.quant.quantize import calibrate_for_recipe, quantize
 from ssmq.quant.reorder import check_permutation, permute_mixer, sort_and_cluster
@@ -183,6 +184,51 @@ def test_one_ssd_group_quantizes_and_decodes(tmp_path, recipe):
 
 
 @torch.no_grad()
+def test_quantized_gated_norm_follows_weight_edits_and_dtype_moves():
+    """The norm keeps an fp32 copy of its weight between calls; an in-place edit, a dtype move and a
+    reload must each reach the output (compared with the norm on the weight as it is now)."""
+    torch.manual_seed(0)
+    norm = QuantGatedRMSNorm(16, 1e-5, 8)
+    y, codes, scale = torch.randn(3, 16), torch.randint(-127, 128, (3, 16), dtype=torch.int8), torch.tensor(0.02)
+    z = QTensor(codes, scale)
+
+    def expected() -> torch.Tensor:
+        return gated_rms_norm(y, codes.float() * scale, norm.weight.detach().float(), 1e-5, 8)
+
+    torch.testing.assert_close(norm(y, z).value(), expected(), rtol=0, atol=0)
+    with torch.no_grad():
+        norm.weight.mul_(torch.linspace(0.5, 2.0, 16))
+    torch.testing.assert_close(norm(y, z).value(), expected(), rtol=0, atol=0)
+    with torch.no_grad():
+        norm.weight.add_(1 / 3)  # not exact in fp16: the fp16 model's output differs from the fp32 one
+    out32 = norm(y, z).value()
+    norm.half()
+    torch.testing.assert_close(norm(y, z).value(), expected(), rtol=0, atol=0)
+    assert not torch.equal(norm(y, z).value(), out32)
+    norm.load_state_dict({"weight": torch.ones(16, dtype=torch.float16)})
+    torch.testing.assert_close(norm(y, z).value(), expected(), rtol=0, atol=0)
+
+
+@torch.no_grad()
+def test_gated_norm_feeds_the_rotation_as_one_op():
+    """QuantGatedRMSNorm defers its output; QuantHadamard computes norm, rotation and quantization in one op
+    (one kernel on a GPU) with the codes of the two ops in sequence, and materialises it without rotation."""
+    from ssmq.ops.hadamard import hadamard_transform
+    from ssmq.ops.quantize import quantize as quantize_codes
+    from ssmq.quant.modules import ActQuant, QuantHadamard
+
+    torch.manual_seed(1)
+    norm = QuantGatedRMSNorm(64, 1e-5, 16)
+    norm.weight.mul_(torch.rand(64) + 0.5)
+    y, z = torch.randn(2, 1, 64), QTensor(torch.randint(-127, 128, (2, 1, 64), dtype=torch.int8), torch.tensor(0.02))
+    book = ScaleBook({"layers.0.out_proj.in": ScaleEntry(torch.tensor(0.05), "test")})
+    normed = norm(y, z).value()
+    for rotate in (True, False):
+        out = QuantHadamard(rotate, ActQuant(book, "layers.0.out_proj.in"))(norm(y, z))
+        expected = quantize_codes(hadamard_transform(normed) if rotate else normed, torch.tensor(0.05))
+        assert torch.equal(out.codes, expected) and out.scale is book["layers.0.out_proj.in"]
+
+
 def test_int8_ssd_scan_with_grouped_scales_matches_a_plain_recurrence():
     cfg = tiny_config("mamba2", chunk_size=4)
     H, P, G, N, L = cfg.nheads, cfg.headdim, cfg.ngroups, cfg.d_state, 7

@@ -49,10 +49,10 @@ def test_grouped_w8a8_mamba2_runs_on_the_kernels(monkeypatch):
         monkeypatch.setattr(module, name, wrapper)
 
     for module, name in [(kernels.ssd, "ssd_scan"), (kernels.conv, "conv1d"), (kernels.linear, "int8_linear"),
-                         (kernels.hadamard, "hadamard")]:
+                         (kernels.hadamard, "gated_norm_hadamard")]:
         spy(module, name)
     monkeypatch.setattr(dispatch, "uses_kernels", lambda *tensors: True)
     routed = run()
-    for name in ("ssd.ssd_scan", "conv.conv1d", "linear.int8_linear", "hadamard.hadamard"):
+    for name in ("ssd.ssd_scan", "conv.conv1d", "linear.int8_linear", "hadamard.gated_norm_hadamard"):
         assert calls.get(name) and all(calls[name]), (name, calls.get(name))  # taken, never declined
     assert (routed - reference).norm() / reference.norm() < 2e-2

@@ -171,3 +171,22 @@ def test_static_states_are_updated_in_place(monkeypatch):
     plain = torch.randn(2, 3, 16, generator=g)
     _, state = dispatch.causal_conv1d(x, w, None, plain)
     assert state is not plain
+
+
+@needs_triton
+def test_programmatic_dependent_launch_only_on_a_hopper_gpu(monkeypatch):
+    """PDL launch options are on only for CUDA devices of compute capability 9+, never under the
+    interpreter (its instructions do not exist there), and USE_PDL turns them off everywhere."""
+    from ssmq.ops.triton import common
+
+    off = {"PDL": False, "launch_pdl": False}
+    assert common.pdl_options(torch.device("cpu")) == off
+    monkeypatch.setattr(common, "_hopper_or_newer", lambda index: True)
+    assert common.pdl_options(torch.device("cuda", 0)) == off  # this test runs under the interpreter
+    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    assert common.pdl_options(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setattr(common, "_hopper_or_newer", lambda index: False)
+    assert common.pdl_options(torch.device("cuda", 0)) == off
+    monkeypatch.setattr(common, "_hopper_or_newer", lambda index: True)
+    monkeypatch.setattr(common, "USE_PDL", False)
+    assert common.pdl_options(torch.device("cuda", 0)) == off

@@ -44,3 +44,34 @@ def test_hadamard_many_rows():
     """Past SPLIT_ROWS rows (prefill) each program takes a whole row."""
     x = torch.randn(th.SPLIT_ROWS + 2, 768, generator=torch.Generator().manual_seed(7)).half()
     assert agreement(th.hadamard(x), hadamard_transform(x.float())).rel_error < 1e-6
+
+
+@pytest.mark.parametrize("n, group, rows, gate_q, wdtype", [
+    (640, 640, 3, True, torch.float32),     # one group (mamba2-2.7b-like), tile rows split over programs
+    (768, 96, 3, True, torch.float32),      # 8 groups of 4 tile rows (mamba2-8b-like)
+    (256, 64, 70, False, torch.float16),    # float gate, fp16 weight, a whole row per program (prefill)
+])
+def test_gated_norm_hadamard_quantize_matches_the_two_ops(n, group, rows, gate_q, wdtype):
+    from ssmq.ops.norm import gated_rms_norm
+
+    gen = torch.Generator().manual_seed(n + group)
+    y = torch.randn(rows, n, generator=gen).half()
+    w = (torch.rand(n, generator=gen) + 0.5).to(wdtype)
+    if gate_q:
+        gate, gate_scale = torch.randint(-127, 128, (rows, n), generator=gen, dtype=torch.int8), torch.tensor(0.03)
+        values = gate.float() * gate_scale
+    else:
+        gate, gate_scale = torch.randn(rows, n, generator=gen).half(), None
+        values = gate
+    normed = gated_rms_norm(y, values, w, 1e-5, group)
+    rotated = hadamard_transform(normed.float())
+    scale = rotated.abs().amax() / 127
+    out = th.gated_norm_hadamard(y, gate, w, 1e-5, group, gate_scale, scale)
+    assert out.dtype == torch.int8 and agreement(out, quantize(rotated, scale)).ok
+
+
+def test_gated_norm_hadamard_refuses_groups_across_tile_rows():
+    """A group that is not whole rows of the (P, |B'|) tile (768 = 32 x 24; 256 % 24 != 0): None, and the
+    dispatch runs the two ops."""
+    y, gate, w = torch.randn(1, 768).half(), torch.randn(1, 768).half(), torch.ones(768)
+    assert th.gated_norm_hadamard(y, gate, w, 1e-5, 256, None, torch.tensor(0.1)) is None

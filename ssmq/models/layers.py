@@ -125,5 +125,4 @@ class SSDScan(nn.Module):
     def forward(self, x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                 D: torch.Tensor, dt_bias: torch.Tensor,
                 state: torch.Tensor | None) -> tuple[torch.Tensor, torch.Tensor]:
-        y, last = ops.ssd_scan(x, dt, A, B, C, self.chunk_size, D, dt_bias, True, self.dt_limit, state)
-        return y.to(x.dtype), last
+        return ops.ssd_scan(x, dt, A, B, C, self.chunk_size, D, dt_bias, True, self.dt_limit, state, x.dtype)

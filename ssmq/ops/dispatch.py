@@ -46,10 +46,10 @@ from ssmq.ops.triton import HAS_TRITON
 
 __all__ = [
     "add_rms_norm", "causal_conv1d", "causal_conv1d_silu", "dequant_gated_rms_norm", "dequantize",
-    "gated_rms_norm", "hadamard_quantize", "hadamard_transform", "int4_embedding", "int8_add_rms_norm",
-    "int8_causal_conv1d", "int8_causal_conv1d_silu", "int8_embedding", "int8_lm_head", "int8_linear",
-    "int8_selective_scan", "int8_ssd_scan", "mark_static_state", "quantize", "rms_norm", "selective_scan",
-    "ssd_scan", "uses_kernels", "w4a16_linear", "w4a8_linear", "weight_only_linear",
+    "gated_norm_hadamard_quantize", "gated_rms_norm", "hadamard_quantize", "hadamard_transform", "int4_embedding",
+    "int8_add_rms_norm", "int8_causal_conv1d", "int8_causal_conv1d_silu", "int8_embedding", "int8_lm_head",
+    "int8_linear", "int8_selective_scan", "int8_ssd_scan", "mark_static_state", "quantize", "rms_norm",
+    "selective_scan", "ssd_scan", "uses_kernels", "w4a16_linear", "w4a8_linear", "weight_only_linear",
 ]
 
 # reference ops with no kernel yet (dequantize, the int8 lm_head, W8A16): the dispatch is the identity
@@ -293,6 +293,28 @@ def hadamard_quantize(y: torch.Tensor, out_scale: ScaleLike, rotate: bool = True
     return _quantize.quantize(_hadamard.hadamard_transform(y.float()), out_scale, "out_scale")
 
 
+def gated_norm_hadamard_quantize(y: torch.Tensor, gate: torch.Tensor, gate_scale: ScaleLike | None,
+                                 weight: torch.Tensor, eps: float, group_size: int,
+                                 out_scale: ScaleLike) -> torch.Tensor:
+    """hadamard_quantize(norm, out_scale) of norm = the gated RMSNorm of y with `gate` (int8 codes of
+    gate_scale when that is given: dequant_gated_rms_norm, else gated_rms_norm): Mamba2's path from the
+    scan output into out_proj, one kernel on CUDA where the shapes allow, the two ops otherwise."""
+    if uses_kernels(y, gate, weight) and y.dtype in _FLOATS and weight.dtype in _FLOATS:
+        dev = y.device
+        if gate_scale is not None:
+            check_int8(gate, "gate codes")
+        out = _k().hadamard.gated_norm_hadamard(
+            y, gate, weight, eps, group_size, None if gate_scale is None else _scale(gate_scale, "gate scale", dev),
+            _scale(out_scale, "out_scale", dev))
+        if out is not None:
+            return out
+    if gate_scale is None:
+        normed = gated_rms_norm(y, gate, weight, eps, group_size)
+    else:
+        normed = dequant_gated_rms_norm(y, gate, gate_scale, weight, eps, group_size)
+    return hadamard_quantize(normed, out_scale, True)
+
+
 def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor,
                    D: torch.Tensor | None = None, z: torch.Tensor | None = None,
                    delta_bias: torch.Tensor | None = None, delta_softplus: bool = True,
@@ -333,16 +355,18 @@ def int8_selective_scan(u_q: torch.Tensor, u_scale: ScaleLike, delta_q: torch.Te
 
 def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor, C: torch.Tensor, chunk_size: int,
              D: torch.Tensor | None = None, dt_bias: torch.Tensor | None = None, dt_softplus: bool = True,
-             dt_limit: tuple[float, float] = (0.0, math.inf),
-             state: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """ssmq.ops.scan.ssd_scan (the kernel's chunk length is its own: it changes only the summation order)."""
+             dt_limit: tuple[float, float] = (0.0, math.inf), state: torch.Tensor | None = None,
+             out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """ssmq.ops.scan.ssd_scan with y cast to out_dtype (the kernel stores it directly; its chunk length is
+    its own: that changes only the summation order)."""
     tensors = (x, dt, A, B, C, D, dt_bias, state)
-    if uses_kernels(*tensors) and all(t is None or t.dtype in _FLOATS for t in tensors):
-        out = _k().ssd.ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, state, torch.float32,
+    if uses_kernels(*tensors) and all(t is None or t.dtype in _FLOATS for t in tensors) and out_dtype in _FLOATS:
+        out = _k().ssd.ssd_scan(x, dt, A, B, C, D, dt_bias, dt_softplus, dt_limit, state, out_dtype,
                                 inplace=_inplace(state))
         if out is not None:
             return out
-    return _scan.ssd_scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, state)
+    y, last = _scan.ssd_scan(x, dt, A, B, C, chunk_size, D, dt_bias, dt_softplus, dt_limit, state)
+    return y.to(out_dtype), last
 
 
 def int8_ssd_scan(x_q: torch.Tensor, x_scale: ScaleLike, dt: torch.Tensor, A: torch.Tensor, B_q: torch.Tensor,

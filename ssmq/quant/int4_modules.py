@@ -96,9 +96,12 @@ class W4A8Linear(_Int4Linear):
             codes = dispatch.w4a8_linear(x.codes, x.scale, self.weight, self.weight_scale, self.group_scale, bias,
                                          out_scale=scale)
             return QTensor(codes, scale)
+        if self.out is None:  # the kernel stores out_dtype directly (the fp32 value, then a cast)
+            return dispatch.w4a8_linear(x.codes, x.scale, self.weight, self.weight_scale, self.group_scale, bias,
+                                        out_dtype=self.out_dtype)
         y = dispatch.w4a8_linear(x.codes, x.scale, self.weight, self.weight_scale, self.group_scale, bias,
                                  out_dtype=torch.float32)
-        return self.out(y) if self.out is not None else y.to(self.out_dtype)
+        return self.out(y)
 
 
 class Int4Embedding(nn.Module):

@@ -22,7 +22,7 @@ from ssmq.errors import SsmqError
 from ssmq.models.config import MambaConfig
 from ssmq.ops import dispatch as ops
 from ssmq.ops.qtensor import QTensor
-from ssmq.quant.modules import ActQuant
+from ssmq.quant.modules import ActQuant, Deferred
 from ssmq.quant.observers import BC_TAPS, STATE_TAP, X_TAPS, local_name
 from ssmq.quant.scalebook import ScaleBook
 
@@ -84,15 +84,15 @@ def ssd_scale(tap: str, value: torch.Tensor, cfg: MambaConfig) -> torch.Tensor:
 
 
 class _Expanded:
-    """A scale derived from ScaleBook entries, recomputed only when an entry changes (edit, override,
-    device move): one small computation per edit instead of one per call."""
+    """A value derived from ScaleBook entries or parameters, recomputed only when a source changes (edit,
+    override, device or dtype move, new storage): one small computation per change instead of one per call."""
 
     def __init__(self) -> None:
         self._key: tuple | None = None
         self._value: torch.Tensor | None = None
 
     def get(self, sources: list[torch.Tensor], make: Callable[[], torch.Tensor]) -> torch.Tensor:
-        key = tuple((id(t), t._version, t.device) for t in sources)
+        key = tuple((id(t), t._version, t.device, t.dtype, t.data_ptr()) for t in sources)
         if key != self._key:
             self._value, self._key = make(), key
         return self._value
@@ -142,16 +142,37 @@ class QuantSSDScan(nn.Module):
         return y, QTensor(codes, state_scale)
 
 
+class GatedNormOutput(Deferred):
+    """QuantGatedRMSNorm's result, computed by its consumer: QuantHadamard runs norm, rotation and the
+    `out_proj.in` quantization as one op (dispatch.gated_norm_hadamard_quantize)."""
+
+    def __init__(self, y: torch.Tensor, z: QTensor | torch.Tensor, weight: torch.Tensor, eps: float,
+                 group_size: int):
+        self.y, self.weight, self.eps, self.group_size = y, weight, eps, group_size
+        self.gate, self.gate_scale = (z.codes, z.scale) if isinstance(z, QTensor) else (z, None)
+
+    def value(self) -> torch.Tensor:
+        if self.gate_scale is not None:
+            return ops.dequant_gated_rms_norm(self.y, self.gate, self.gate_scale, self.weight, self.eps,
+                                              self.group_size)
+        return ops.gated_rms_norm(self.y, self.gate, self.weight, self.eps, self.group_size)
+
+    def rotate_quantize(self, scale: torch.Tensor) -> torch.Tensor:
+        return ops.gated_norm_hadamard_quantize(self.y, self.gate, self.gate_scale, self.weight, self.eps,
+                                                self.group_size, scale)
+
+
 class QuantGatedRMSNorm(nn.Module):
-    """Mamba2's gated group-wise RMSNorm on the scan output y and int8 z (dequantized), in fp32; the result
-    goes to the Hadamard rotation and the `out_proj.in` quantization (QuantHadamard)."""
+    """Mamba2's gated group-wise RMSNorm on the scan output y and int8 z (dequantized), in fp32. It returns
+    the norm deferred (GatedNormOutput), for its consumer, the Hadamard rotation and `out_proj.in`
+    quantization (QuantHadamard), to compute in one kernel with its own op."""
 
     def __init__(self, dim: int, eps: float, group_size: int):
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps, self.group_size = eps, group_size
+        self._weight32 = _Expanded()
 
-    def forward(self, y: torch.Tensor, z: QTensor | torch.Tensor) -> torch.Tensor:
-        if isinstance(z, QTensor):
-            return ops.dequant_gated_rms_norm(y, z.codes, z.scale, self.weight.float(), self.eps, self.group_size)
-        return ops.gated_rms_norm(y, z, self.weight.float(), self.eps, self.group_size)
+    def forward(self, y: torch.Tensor, z: QTensor | torch.Tensor) -> GatedNormOutput:
+        weight = self._weight32.get([self.weight], lambda: self.weight.detach().float())  # no cast per call
+        return GatedNormOutput(y, z, weight, self.eps, self.group_size)

@@ -176,15 +176,33 @@ class QuantSelectiveScan(nn.Module):
         return y.to(torch.float16), self.state(last)
 
 
+class Deferred:
+    """A module's output not computed yet, so that its consumer can compute it fused with its own op
+    (QuantHadamard: Mamba2's gated norm, rotation and quantization as one kernel). A consumer that cannot
+    fuse asks for `value()`."""
+
+    def value(self) -> torch.Tensor:
+        raise NotImplementedError
+
+    def rotate_quantize(self, scale: torch.Tensor) -> torch.Tensor:
+        """int8 codes of quantize(hadamard_transform(value()), scale)."""
+        raise NotImplementedError
+
+
 class QuantHadamard(nn.Module):
     """The online rotation before out_proj (or the identity) followed by quantization to `out_proj.in`
-    (one fused op with a static scale)."""
+    (one fused op with a static scale; with a Deferred input that offers it, the producer's op too)."""
 
     def __init__(self, rotate: bool, out: ActQuant):
         super().__init__()
         self.rotate, self.out = rotate, out
 
-    def forward(self, y: torch.Tensor) -> QTensor:
+    def forward(self, y: torch.Tensor | Deferred) -> QTensor:
+        if self.out.static and self.rotate and isinstance(y, Deferred):
+            scale = self.out.scale_for(None)
+            return QTensor(y.rotate_quantize(scale), scale)
+        if isinstance(y, Deferred):
+            y = y.value()
         if self.out.static:
             scale = self.out.scale_for(y)
             return QTensor(ops.hadamard_quantize(y, scale, self.rotate), scale)

@@ -9,9 +9,13 @@ also runs under the Triton interpreter.
 
 from __future__ import annotations
 
+import os
+from functools import lru_cache
+
 import torch
 import triton
 import triton.language as tl
+from triton.language.extra.cuda import gdc_launch_dependents, gdc_wait
 
 _ROUND_MAGIC = tl.constexpr(12582912.0)  # 1.5 * 2^23
 
@@ -77,3 +81,43 @@ def load_scale(s_ptr, MODE: tl.constexpr, row, col, mask):
         return tl.load(s_ptr + (col + row * 0), mask=mask, other=1.0)
     else:
         return tl.load(s_ptr + (row + col * 0), mask=mask, other=1.0)
+
+
+USE_PDL = True
+"""Whether kernels on Hopper and newer GPUs launch with PDL (pdl_options); benchmarks turn it off to
+measure what it gains."""
+
+
+@lru_cache(maxsize=None)
+def _hopper_or_newer(index: int) -> bool:
+    return torch.cuda.get_device_capability(index)[0] >= 9
+
+
+def pdl_options(device: torch.device) -> dict[str, bool]:
+    """Launch options for programmatic dependent launch (PDL): on Hopper and newer GPUs a kernel may be
+    launched, and run its prologue, while the kernel before it finishes; it waits (wait_for_inputs)
+    before it reads an activation or writes anything. Off under the interpreter and on older GPUs."""
+    on = (USE_PDL and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+          and _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device()))
+    return {"PDL": on, "launch_pdl": on}
+
+
+@triton.jit
+def wait_for_inputs(PDL: tl.constexpr, LET_NEXT_START: tl.constexpr = True):
+    """With PDL: wait until the kernel before this one has finished and its writes are visible (every
+    read of an activation and every write comes after this), then (LET_NEXT_START) let the next kernel
+    start launching. Every kernel launched with PDL calls it on all paths, so the waits chain: kernel
+    k + 2 waits for k. A kernel of several waves of programs passes LET_NEXT_START=False and calls
+    let_next_start after its main loop, so that the next kernel's waiting programs do not take the SM
+    slots its later waves need."""
+    if PDL:
+        gdc_wait()
+        if LET_NEXT_START:
+            gdc_launch_dependents()
+
+
+@triton.jit
+def let_next_start(PDL: tl.constexpr):
+    """With PDL: the next kernel may start launching (see wait_for_inputs)."""
+    if PDL:
+        gdc_launch_dependents()

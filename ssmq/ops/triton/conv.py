@@ -17,8 +17,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmq.ops.triton.common import (PER_CHANNEL, PER_TENSOR, flat_scale, load_scale, next_pow2, quantize_rn,
-                                    scale_mode, silu)
+from ssmq.ops.triton.common import (PER_CHANNEL, PER_TENSOR, flat_scale, load_scale, next_pow2, pdl_options,
+                                    quantize_rn, scale_mode, silu, wait_for_inputs)
 
 OUT_PRE, OUT_SILU, OUT_Q8 = 0, 1, 2
 
@@ -89,15 +89,16 @@ def _conv_step_kernel(x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, ns_ptr, xs_ptr, ws_pt
                       stride_xb, stride_wc, stride_sb, stride_sl, stride_nb, stride_nl,
                       KW: tl.constexpr, KWP: tl.constexpr, HAS_STATE: tl.constexpr, IS_INT: tl.constexpr,
                       XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, OS_MODE: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, OUT: tl.constexpr, BLOCK_C: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, OUT: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
     c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
     i = tl.arange(0, KWP)
     rows = (i < KW - 1)[:, None] & cmask[None, :]
-    x = tl.load(x_ptr + b * stride_xb + c, mask=cmask, other=0)
     w_last = tl.load(w_ptr + c * stride_wc + (KW - 1), mask=cmask, other=0)
     w_prev = tl.load(w_ptr + c[None, :] * stride_wc + i[:, None], mask=rows, other=0)
+    wait_for_inputs(PDL)
+    x = tl.load(x_ptr + b * stride_xb + c, mask=cmask, other=0)
     if HAS_STATE:
         s_rows = s_ptr + b * stride_sb + c[None, :]
         state = tl.load(s_rows + i[:, None] * stride_sl, mask=rows, other=0)
@@ -164,7 +165,7 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sta
         _conv_step_kernel[(triton.cdiv(channels, block_c), batch)](
             x, weight, b_arg, s_arg, result, new_state, *scales, channels, x.stride(0), weight.stride(0),
             s_arg.stride(0), s_arg.stride(1), new_state.stride(0), new_state.stride(1), **flags, BLOCK_C=block_c,
-            num_warps=2, enable_fp_fusion=False)
+            num_warps=2, enable_fp_fusion=False, **pdl_options(dev))
     else:
         block_c = min(128, next_pow2(channels))
         block_l = min(32, next_pow2(length))

@@ -10,6 +10,11 @@ row is split over P / 16 programs, so that one SM does not do it alone).
 With fp16 input the first product is exact (+-1 times fp16, fp32 accumulation); fp32 operands use
 Triton's tf32x3 (three tf32 products), accurate to about fp32. The order of the two factors and the
 summation order differ from the reference's butterfly, so results agree to fp32 rounding.
+
+Mamba2's decoding path into out_proj (gated_norm_hadamard) runs its gated RMSNorm in the same kernel:
+each program loads the whole row of the scan output y and the gate z, normalises it group by group (a
+group is a power of two of whole tile rows) and rotates the result, instead of the norm kernel writing
+the row out for this one to read back.
 """
 
 from __future__ import annotations
@@ -21,29 +26,58 @@ import triton
 import triton.language as tl
 
 from ssmq.ops.hadamard import _base, _sylvester, supported_hadamard_size, check_hadamard_size
-from ssmq.ops.triton.common import PER_ROW, flat_scale, load_scale, next_pow2, quantize_rn, scale_mode
+from ssmq.ops.triton.common import (PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, load_scale, next_pow2,
+                                    pdl_options, quantize_rn, scale_mode, wait_for_inputs)
 
 MAX_P = 128
+_FLOATS = (torch.float16, torch.float32)
 SPLIT_ROWS = 64  # up to this many rows (decoding), each row is split over P / 16 programs
 
 
 @triton.jit
-def _hadamard_kernel(x_ptr, s_ptr, bt_ptr, out_ptr, os_ptr, stride_x, inv_sqrt_n, P: tl.constexpr,
-                     PB: tl.constexpr, MB: tl.constexpr, MP: tl.constexpr, HALF_IN: tl.constexpr,
-                     OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr):
+def _gated_norm_tile(y, row, offs, mask, z_ptr, zs_ptr, w_ptr, stride_z, eps, GROUP: tl.constexpr,
+                     P: tl.constexpr, NG: tl.constexpr, GATE_Q: tl.constexpr, ZS_MODE: tl.constexpr):
+    """Mamba2's gated RMSNorm of a whole row held as a (P, MP) tile (element a * MB + c at [a, c], masked
+    lanes 0): h = y * silu(gate), each group of GROUP channels (P / NG tile rows) normalised alone, times
+    the weight, in the weight's dtype; computed as ssmq.ops.triton.norm's kernel computes it."""
+    g = tl.load(z_ptr + row * stride_z + offs, mask=mask, other=0).to(tl.float32)
+    if GATE_Q:
+        g = g * load_scale(zs_ptr, ZS_MODE, row, offs, mask)
+    h = y.to(tl.float32) * (g / (1.0 + tl.exp(-g)))
+    sums = tl.sum(tl.reshape(tl.sum(h * h, axis=1), (NG, P // NG)), axis=1)
+    rstd = tl.reshape(tl.broadcast_to(tl.rsqrt(sums / GROUP + eps)[:, None], (NG, P // NG)), (P,))
+    w = tl.load(w_ptr + offs, mask=mask, other=0.0)
+    v = w.to(tl.float32) * (h * rstd[:, None]).to(w_ptr.dtype.element_ty).to(tl.float32)
+    return v.to(w_ptr.dtype.element_ty)
+
+
+@triton.jit
+def _hadamard_kernel(x_ptr, s_ptr, bt_ptr, out_ptr, os_ptr, stride_x, inv_sqrt_n, z_ptr, zs_ptr, w_ptr, stride_z,
+                     eps, P: tl.constexpr, PB: tl.constexpr, MB: tl.constexpr, MP: tl.constexpr,
+                     HALF_IN: tl.constexpr, OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, NORM: tl.constexpr,
+                     GROUP: tl.constexpr, NG: tl.constexpr, GATE_Q: tl.constexpr, ZS_MODE: tl.constexpr,
+                     PDL: tl.constexpr):
+    """The rotation (and quantization) of one row's PB output rows; NORM: the row is first the gated norm
+    of x (y) with z and w (every program of the row computes it: the row is small)."""
     row = tl.program_id(0).to(tl.int64)
     a = tl.arange(0, P)
     a_out = tl.program_id(1) * PB + tl.arange(0, PB)
     c = tl.arange(0, MP)
-    x = tl.load(x_ptr + row * stride_x + a[:, None] * MB + c[None, :], mask=(c < MB)[None, :], other=0.0)
+    in_offs = a[:, None] * MB + c[None, :]
+    in_mask = (c < MB)[None, :] & (a < P)[:, None]
     s = tl.load(s_ptr + a_out[:, None] * P + a[None, :])
+    bt = tl.load(bt_ptr + c[:, None] * MP + c[None, :])
+    wait_for_inputs(PDL)
+    x = tl.load(x_ptr + row * stride_x + in_offs, mask=in_mask, other=0.0)
+    if NORM:
+        x = _gated_norm_tile(x, row, in_offs, in_mask, z_ptr, zs_ptr, w_ptr, stride_z, eps, GROUP, P, NG, GATE_Q,
+                             ZS_MODE)
     inside = (c < MB)[None, :] & (a_out < P)[:, None]
     offs = a_out[:, None] * MB + c[None, :]
     if HALF_IN:
         y = tl.dot(s.to(tl.float16), x.to(tl.float16), out_dtype=tl.float32)
     else:
         y = tl.dot(s, x.to(tl.float32), input_precision="tf32x3", out_dtype=tl.float32)
-    bt = tl.load(bt_ptr + c[:, None] * MP + c[None, :])
     z = tl.dot(y, bt, input_precision="tf32x3", out_dtype=tl.float32) * inv_sqrt_n
     out = out_ptr + row * (P * MB) + offs
     if OUT_INT8:
@@ -80,10 +114,42 @@ def _matrices(n: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]
 def hadamard(x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Tensor | None:
     """H_n x along the last dim in fp32 (x fp16 or fp32), or its int8 codes for out_scale (per tensor,
     per channel or per row). None when n or the scale layout is one the kernel does not take."""
+    return _rotate(x, out_scale, None)
+
+
+def gated_norm_hadamard(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int,
+                        gate_scale: torch.Tensor | None, out_scale: torch.Tensor,
+                        config: dict[str, int] | None = None) -> torch.Tensor | None:
+    """int8 codes of H_n gated_rms_norm(y, gate, weight) for out_scale, in one kernel (Mamba2's decoding
+    path into out_proj): the norm as ssmq.ops.triton.norm.gated_rms_norm computes it (int8 gate codes
+    with `gate_scale`), in the weight's dtype, then the rotation of that value. None when the shapes or
+    layouts are ones the kernel does not take: a group must be whole rows of the rotation's (P, |B'|)
+    tile, a power of two of them. `config` overrides the output rows per program (PB) and num_warps."""
+    n = y.shape[-1]
+    split = factors(n)
+    if (split is None or gate.shape != y.shape or weight.shape != (n,) or weight.dtype not in _FLOATS
+            or group_size < 1 or n % group_size or group_size % split[1]):
+        return None
+    rows_per_group = group_size // split[1]
+    gs_mode = PER_TENSOR if gate_scale is None else scale_mode(gate_scale, gate.shape)
+    if rows_per_group & (rows_per_group - 1) or split[0] % rows_per_group or gs_mode not in (PER_TENSOR,
+                                                                                            PER_CHANNEL):
+        return None
+    g2 = gate.reshape(-1, n)
+    if g2.stride(-1) != 1:
+        g2 = g2.contiguous()
+    gs = flat_scale(gate_scale, y.device) if gate_scale is not None else weight
+    return _rotate(y, out_scale, dict(z=g2, zs=gs, w=weight.contiguous(), eps=eps, group=group_size,
+                                      ng=split[0] // rows_per_group, gate_q=gate_scale is not None, zs_mode=gs_mode),
+                   half_in=weight.dtype == torch.float16, config=config)
+
+
+def _rotate(x: torch.Tensor, out_scale: torch.Tensor | None, norm: dict | None,
+            half_in: bool | None = None, config: dict[str, int] | None = None) -> torch.Tensor | None:
     n = x.shape[-1]
     split = factors(n)
     mode = None if out_scale is None else scale_mode(out_scale, x.shape)
-    if split is None or x.dtype not in (torch.float16, torch.float32) or (out_scale is not None and mode is None):
+    if split is None or x.dtype not in _FLOATS or (out_scale is not None and mode is None):
         return None
     p, mb = split
     x2 = x.reshape(-1, n)
@@ -95,10 +161,16 @@ def hadamard(x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Te
         return out
     s, bt = _matrices(n, x.device)
     os_ = flat_scale(out_scale, x.device) if out_scale is not None else s
-    pb = p if rows > SPLIT_ROWS else 16
+    cfg = config or {}
+    pb = cfg.get("PB", p if rows > SPLIT_ROWS else 16)
     mp = bt.shape[0]
-    _hadamard_kernel[(rows, p // pb)](x2, s, bt, out, os_, x2.stride(0), 1.0 / n ** 0.5, P=p, PB=pb, MB=mb, MP=mp,
-                                      HALF_IN=x.dtype == torch.float16, OUT_INT8=out_scale is not None,
-                                      OS_MODE=mode if mode is not None else PER_ROW,
-                                      num_warps=8 if pb * mp >= 4096 else 4)
+    nm = norm or dict(z=s, zs=s, w=s, eps=0.0, group=1, ng=1, gate_q=False, zs_mode=PER_TENSOR)
+    _hadamard_kernel[(rows, p // pb)](
+        x2, s, bt, out, os_, x2.stride(0), 1.0 / n ** 0.5, nm["z"], nm["zs"], nm["w"],
+        nm["z"].stride(0) if norm else 0, nm["eps"], P=p, PB=pb, MB=mb, MP=mp,
+        HALF_IN=x.dtype == torch.float16 if half_in is None else half_in, OUT_INT8=out_scale is not None,
+        OS_MODE=mode if mode is not None else PER_ROW, NORM=norm is not None, GROUP=nm["group"], NG=nm["ng"],
+        GATE_Q=nm["gate_q"], ZS_MODE=nm["zs_mode"],
+        num_warps=cfg.get("num_warps", 8 if norm or pb * mp >= 4096 else 4), enable_fp_fusion=False,
+        **pdl_options(x.device))
     return out

@@ -19,8 +19,8 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmq.ops.triton.common import (PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, load_scale, next_pow2,
-                                    quantize_rn, scale_mode)
+from ssmq.ops.triton.common import (PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, let_next_start, load_scale,
+                                    next_pow2, pdl_options, quantize_rn, scale_mode, wait_for_inputs)
 
 GEMV_MAX_ROWS = 4  # up to this many rows the weight-streaming GEMV beats a tensor-core tile
 
@@ -77,12 +77,13 @@ def _gemm_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, K, 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                  XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT8: tl.constexpr,
-                 OS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                 OS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn
     x_row = x_ptr + m.to(tl.int64) * stride_xm
+    wait_for_inputs(PDL, False)
     acc = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
         kk = k0 + rk
@@ -90,6 +91,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, K, 
         x = tl.load(x_row + kk, mask=kmask, other=0).to(tl.int32)
         w = tl.load(w_rows + kk[None, :], mask=kmask[None, :], other=0).to(tl.int32)
         acc += tl.sum(w * x[None, :], axis=1)
+    let_next_start(PDL)
     _epilogue(acc, m, rn, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr,
               XS_MODE, WS_MODE, HAS_BIAS, OUT_INT8, OS_MODE)
 
@@ -112,7 +114,8 @@ else:
 @triton.jit
 def _gemv_dp4a_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, K, stride_xm, stride_wn,
                       stride_om, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
-                      OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr):
+                      OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+                      PDL: tl.constexpr):
     """The GEMV with codes read as int32 words of four and multiplied-accumulated by dp4a (exact, like the
     int32 sums of _gemv_kernel, in a quarter of the instructions). K and the row strides are multiples of
     4 and the pointers 4-byte aligned (the launcher checks); BLOCK_K counts words."""
@@ -122,6 +125,7 @@ def _gemv_dp4a_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N
     k4 = K // 4
     w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + (rn % N).to(tl.int64)[:, None] * (stride_wn // 4)
     x_row = x_ptr.to(tl.pointer_type(tl.int32)) + m.to(tl.int64) * (stride_xm // 4)
+    wait_for_inputs(PDL, False)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
     for k0 in range(0, k4, BLOCK_K):
         kk = k0 + rk
@@ -129,6 +133,7 @@ def _gemv_dp4a_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N
         x = tl.load(x_row + kk, mask=kmask, other=0)
         w = tl.load(w_rows + kk[None, :], mask=kmask[None, :], other=0)
         acc = _dp4a(w, tl.broadcast_to(x[None, :], (BLOCK_N, BLOCK_K)), acc)
+    let_next_start(PDL)
     _epilogue(tl.sum(acc, axis=1), m, rn, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr,
               XS_MODE, WS_MODE, HAS_BIAS, OUT_INT8, OS_MODE)
 
@@ -210,7 +215,7 @@ def int8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
     flags = dict(XS_MODE=xs_mode, WS_MODE=ws_mode, HAS_BIAS=bias is not None, OUT_INT8=out_scale is not None,
                  OS_MODE=os_mode or PER_TENSOR, enable_fp_fusion=False)
     if m <= GEMV_MAX_ROWS:
-        cfg = {**_gemv_config(n, k), **GEMV_TUNED.get((n, k), {}), **(config or {})}
+        cfg = {**_gemv_config(n, k), **GEMV_TUNED.get((n, k), {}), **pdl_options(dev), **(config or {})}
         if cfg.pop("DP4A", 0) and _words_aligned(x2, w):
             cfg["BLOCK_K"] = max(cfg["BLOCK_K"] // 4, 1)
             _gemv_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, **cfg)

@@ -15,17 +15,19 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmq.ops.triton.common import (PER_CHANNEL, PER_TENSOR, flat_scale, load_scale, next_pow2, quantize_rn,
-                                    scale_mode)
+from ssmq.ops.triton.common import (PER_CHANNEL, PER_TENSOR, flat_scale, load_scale, next_pow2, pdl_options,
+                                    quantize_rn, scale_mode, wait_for_inputs)
 
 
 @triton.jit
 def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, out_ptr, res_ptr, os_ptr, D, stride_h, stride_r, eps,
                          HAS_RES: tl.constexpr, STORE_RES: tl.constexpr, ROUND_RES: tl.constexpr,
-                         OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, BLOCK: tl.constexpr):
+                         OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    wait_for_inputs(PDL)
     x = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0)
     if ROUND_RES:  # the residual is kept in hidden's dtype: round the sum to it before the norm reads it
         if HAS_RES:
@@ -40,7 +42,6 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, out_ptr, res_ptr, os_ptr, D, strid
         tl.store(res_ptr + row * D + cols, s.to(res_ptr.dtype.element_ty), mask=mask)
     rstd = tl.rsqrt(tl.sum(s * s, axis=0) / D + eps)
     normed = s * rstd
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     if OUT_INT8:
         v = w.to(tl.float32) * normed
         tl.store(out_ptr + row * D + cols, quantize_rn(v, load_scale(os_ptr, OS_MODE, row, cols, mask)), mask=mask)
@@ -69,7 +70,7 @@ def _launch(hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         h2, r2, weight.contiguous(), out, res_out if res_out is not None else out, os_, d, h2.stride(0),
         r2.stride(0), eps, HAS_RES=residual is not None, STORE_RES=res_out is not None, ROUND_RES=round_res,
         OUT_INT8=out_scale is not None, OS_MODE=os_mode, BLOCK=block, num_warps=_warps(block),
-        enable_fp_fusion=False)
+        enable_fp_fusion=False, **pdl_options(hidden.device))
 
 
 def _warps(block: int) -> int:
@@ -108,30 +109,31 @@ def int8_add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, weigh
 
 @triton.jit
 def _gated_rms_norm_kernel(y_ptr, g_ptr, gs_ptr, w_ptr, out_ptr, D, GROUP, stride_y, stride_g, eps,
-                           GATE_Q: tl.constexpr, GS_MODE: tl.constexpr, BLOCK: tl.constexpr):
+                           GATE_Q: tl.constexpr, GS_MODE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
     """h = fp32(y) * silu(gate) over one group of one row, gate = fp32(gate), or fp32(codes) * scale for an
     int8 gate (GATE_Q); out = w * (h * rsqrt(mean(h^2) + eps)), the normalised value rounded to w's dtype
     before the product, as the reference."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * GROUP + tl.arange(0, BLOCK)
     mask = tl.arange(0, BLOCK) < GROUP
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
+    wait_for_inputs(PDL)
     y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0).to(tl.float32)
     if GATE_Q:
         g = g * load_scale(gs_ptr, GS_MODE, row, cols, mask)
     h = y * (g / (1.0 + tl.exp(-g)))
     normed = h * tl.rsqrt(tl.sum(h * h, axis=0) / GROUP + eps)
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     v = w.to(tl.float32) * normed.to(w_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * D + cols, v.to(out_ptr.dtype.element_ty), mask=mask)
 
 
 def gated_rms_norm(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int,
-                   gate_scale: torch.Tensor | None = None) -> torch.Tensor | None:
+                   gate_scale: torch.Tensor | None = None, config: dict[str, int] | None = None) -> torch.Tensor | None:
     """ssmq.ops.norm.gated_rms_norm in one kernel, in weight's dtype; with `gate_scale`, gate is int8 codes
-    and the gate values are codes * gate_scale (fp32; one value or one per channel). None when the shapes
-    or the scale layout are not ones the kernel takes (the caller runs the reference, which raises any
-    error)."""
+    and the gate values are codes * gate_scale (fp32; one value or one per channel). `config` overrides
+    num_warps. None when the shapes or the scale layout are not ones the kernel takes (the caller runs the
+    reference, which raises any error)."""
     d = y.shape[-1]
     if gate.shape != y.shape or weight.shape != (d,) or group_size < 1 or d % group_size:
         return None
@@ -145,6 +147,7 @@ def gated_rms_norm(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
         gs = weight if gate_scale is None else flat_scale(gate_scale, y.device)
         _gated_rms_norm_kernel[(y2.shape[0], d // group_size)](
             y2, g2, gs, weight.contiguous(), out, d, group_size, y2.stride(0), g2.stride(0), eps,
-            GATE_Q=gate_scale is not None, GS_MODE=gs_mode, BLOCK=block, num_warps=_warps(block),
-            enable_fp_fusion=False)
+            GATE_Q=gate_scale is not None, GS_MODE=gs_mode, BLOCK=block,
+            num_warps=(config or {}).get("num_warps", _warps(block)), enable_fp_fusion=False,
+            **pdl_options(y.device))
     return out

@@ -31,11 +31,13 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmq.ops.triton.common import next_pow2, quantize_rn, softplus
+from ssmq.ops.triton.common import next_pow2, pdl_options, quantize_rn, softplus, wait_for_inputs
 
 # the fewest register spills of the tiles compiled for sm_90 (ptxas -v); not yet timed on a GPU
 PREFILL_CONFIG = dict(BLOCK_P=32, T=64, num_warps=8, num_stages=2)
-STEP_BLOCK_P = 16
+# decoding step (channels of a head per program, warps), by state type: the fastest of gpu_check's m2time
+# sweep on an H200 at the mamba2-2.7b and -8b shapes for int8 states (5.4 us against 7.5 us for 2 warps)
+STEP_CONFIG = {"fp32": dict(BLOCK_P=16, num_warps=2), "int8": dict(BLOCK_P=16, num_warps=4)}
 
 
 @triton.jit
@@ -187,7 +189,9 @@ def _ssd_step_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, db_ptr, h0_ptr, 
                      s_hsb, s_hsh, s_hsp, s_hsn,
                      IS_INT: tl.constexpr, DT_INT: tl.constexpr, HAS_D: tl.constexpr, HAS_DBIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_H0: tl.constexpr,
-                     BLOCK_P: tl.constexpr, NP: tl.constexpr):
+                     HS_ROW: tl.constexpr, BLOCK_P: tl.constexpr, NP: tl.constexpr, PDL: tl.constexpr):
+    """One decoding step of BLOCK_P channels of one head. HS_ROW: the state scale is constant along the
+    head's channels (Quamba2's (group, state index) layout), so one row of it is loaded and broadcast."""
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     heads = tl.num_programs(1)
@@ -197,12 +201,19 @@ def _ssd_step_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, db_ptr, h0_ptr, 
     pmask = p < P
     nmask = n < N
     pn_mask = pmask[:, None] & nmask[None, :]
-    hs_offs = b * s_hsb + h * s_hsh + p[:, None] * s_hsp + n[None, :] * s_hsn
     state_offs = ((b * heads + h) * P + p[:, None]) * N + n[None, :]
+    wait_for_inputs(PDL)
+    if IS_INT:
+        if HS_ROW:
+            hs = tl.broadcast_to(tl.load(hs_ptr + b * s_hsb + h * s_hsh + n * s_hsn, mask=nmask, other=1.0)[None, :],
+                                 (BLOCK_P, NP))
+        else:
+            hs = tl.load(hs_ptr + b * s_hsb + h * s_hsh + p[:, None] * s_hsp + n[None, :] * s_hsn, mask=pn_mask,
+                         other=1.0)
     if HAS_H0:
         S = tl.load(h0_ptr + state_offs, mask=pn_mask, other=0).to(tl.float32)
         if IS_INT:
-            S = S * tl.load(hs_ptr + hs_offs, mask=pn_mask, other=1.0)
+            S = S * hs
     else:
         S = tl.zeros((BLOCK_P, NP), dtype=tl.float32)
     dt = _dt(dt_ptr, dts_ptr, db_ptr, h, b * s_tb + h * s_th, b * s_dsb + h * s_dsh, True, dt_min, dt_max,
@@ -221,8 +232,7 @@ def _ssd_step_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, db_ptr, h0_ptr, 
     tl.store(y_ptr + b * s_yb + h * s_yh + p, y.to(y_ptr.dtype.element_ty), mask=pmask)
     tl.debug_barrier()  # every read of the old state is done before the (possibly in-place) write
     if IS_INT:
-        tl.store(hT_ptr + state_offs, quantize_rn(S, tl.load(hs_ptr + hs_offs, mask=pn_mask, other=1.0)),
-                 mask=pn_mask)
+        tl.store(hT_ptr + state_offs, quantize_rn(S, hs), mask=pn_mask)
     else:
         tl.store(hT_ptr + state_offs, S, mask=pn_mask)
 
@@ -256,9 +266,9 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     int8 codes. Returns y (b, l, heads, headdim) in y_dtype and the final state: fp32, or int8 codes. With
     `inplace` and l == 1 the new state is written over `state`. `config` overrides the prefill tiles
     (BLOCK_P, T, num_warps, num_stages) and the split products (SPLIT_Y, SPLIT_S; see the module
-    docstring). Returns None when a scale varies where the kernels need it constant (x's along the
-    sequence, B's and C's along the sequence or d_state) or a layout is one they don't take (the caller
-    falls back to the reference)."""
+    docstring), or for one step (l == 1) the STEP_CONFIG tiles (BLOCK_P, num_warps). Returns None when a
+    scale varies where the kernels need it constant (x's along the sequence, B's and C's along the
+    sequence or d_state) or a layout is one they don't take (the caller falls back to the reference)."""
     batch, length, heads, headdim = x.shape
     groups, n = B.shape[2], B.shape[3]
     if length == 0 or heads % groups or C.shape != B.shape or dt.shape != (batch, length, heads):
@@ -317,12 +327,13 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
     rep = heads // groups
     limits = (float(lo), float(hi) if math.isfinite(hi) else 3.0e38)
     if step:
-        block_p = min(STEP_BLOCK_P, next_pow2(headdim))
+        cfg = {**STEP_CONFIG["int8" if is_int else "fp32"], **(config or {})}
+        block_p = min(cfg["BLOCK_P"], next_pow2(headdim))
         _ssd_step_kernel[(triton.cdiv(headdim, block_p), heads, batch)](
             *ptrs, headdim, n, rep, *limits, x.stride(0), x.stride(2), dt.stride(0), dt.stride(2), B.stride(0),
             B.stride(2), C.stride(0), C.stride(2), y.stride(0), y.stride(2), *xs_args[1:], ds_args[1],
-            ds_args[3], *bs_args[1:], *cs_args[1:], *hs_args[1:], **flags, BLOCK_P=block_p,
-            NP=max(next_pow2(n), 2), num_warps=2)
+            ds_args[3], *bs_args[1:], *cs_args[1:], *hs_args[1:], **flags, HS_ROW=hs_args[3] == 0,
+            BLOCK_P=block_p, NP=max(next_pow2(n), 2), num_warps=cfg["num_warps"], **pdl_options(dev))
     else:
         cfg = {**PREFILL_CONFIG, "SPLIT_Y": False, "SPLIT_S": is_int, **(config or {})}
         block_p = max(16, min(cfg["BLOCK_P"], next_pow2(headdim)))
