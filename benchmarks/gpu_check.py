@@ -13,11 +13,14 @@ Stages (all by default, in this order; --stages picks some):
   bench   `ssmq bench --int8-head`'s comparison on --shape: fp16 vs W8A8 with the embedding and lm_head
           as one shared int8 table (+ transformers fp16)
   bench_fp16_head  the same at batch 1 with the quamba1 plan's fp16 embedding and lm_head
-  profile GPU time by kernel of one prefill and one eager decoding step of both models
+  profile GPU time by kernel of one prefill, one eager decoding step and one decoding step replayed
+          from a CUDA graph, for fp16 and the --profile-recipe twin
   linear  W8A8 linear kernels vs cuBLAS fp16 on the --shape projections (GB/s, TOPS); with
           --sweep-linear also alternative tile shapes
   m2checks, m2time  Mamba2 SSD-scan and W4A16 / W4A8 kernels at mamba2-2.7b shapes: checks, then times
           beside fp16 and W8A8 (benchmarks/mamba2_gpu.py; both within --m2-budget-s)
+  pdl     (not run by default) decoding time per token of fp16 and the --profile-recipe twin with the
+          Triton kernels launched with programmatic dependent launch on, off and on again
 Each stage runs alone (an exception fails that stage only) and starts only if its expected cost
 (STAGE_COST_S) fits in --budget-s. Prints a pass/fail table and a ratio table last, then one line
 `SUMMARY_JSON {...}` with the headline numbers; writes $OUT/gpu_check.json (or ./gpu_check.json).
@@ -202,8 +205,9 @@ class Checks:
                   lambda: norm.rms_norm(res, nw, 1e-5))
         self.case("fp16 add+rmsnorm", f"({L},{dm})", lambda: dispatch.add_rms_norm(hid, res, nw, 1e-5),
                   lambda: (norm.rms_norm(res + hid.float(), nw, 1e-5), res + hid.float()))
-        # Hadamard rotation (+ quantize) before out_proj
-        for rows in (1, L):
+        # Hadamard rotation (+ quantize) before out_proj; 16 decoding rows (split over programs as one row
+        # is), so that one code rounded the other way at a .5 tie is not alone 0.012% of the sample
+        for rows in (16, L):
             y = self.randn(rows, di, dtype=torch.float16)
             self.case("hadamard fp16 -> fp32", f"({rows},{di})", lambda: dispatch.hadamard_transform(y),
                       lambda: hadamard.hadamard_transform(y))
@@ -488,12 +492,13 @@ def bench(device: torch.device, args: argparse.Namespace, int8_head: bool = True
 
 
 def profile(device: torch.device, args: argparse.Namespace) -> dict:
-    """GPU kernel time by kernel of one prefill (batch 1, --prompt-len) and one eager decoding step, for
-    the fp16 model and the --profile-recipe twin (quantized embedding and lm_head) as the benchmark runs them."""
+    """GPU kernel time by kernel of one prefill (batch 1, --prompt-len), one eager decoding step and one
+    decoding step replayed from a CUDA graph (as the benchmark times it), for the fp16 model and the
+    --profile-recipe twin (quantized embedding and lm_head)."""
     from torch.profiler import ProfilerActivity
     from torch.profiler import profile as torch_profile
 
-    from ssmq.bench.graphs import static_cache
+    from ssmq.bench.graphs import GraphDecoder, static_cache
     from ssmq.bench.models import DEFAULT_RECIPES, prepare_for_inference, random_fp_model, random_quantized_model
     from ssmq.bench.shapes import shape_config
 
@@ -509,20 +514,51 @@ def profile(device: torch.device, args: argparse.Namespace) -> dict:
             cache = static_cache(cfg.n_layer)
             tok = model(ids, cache)[:, -1].argmax(-1, keepdim=True)  # warm-up (compiles, validates scales)
             model(tok, cache)
-            for phase in ("prefill", "decode step"):
+            decoder = GraphDecoder(model, cache, tok)
+            phases = {"prefill": lambda: model(ids, static_cache(cfg.n_layer)),
+                      "decode step": lambda: model(tok, cache), "decode step (graph)": decoder.step}
+            for phase, run in phases.items():
                 torch.cuda.synchronize()
                 with torch_profile(activities=[ProfilerActivity.CUDA]) as prof:
-                    if phase == "prefill":
-                        model(ids, static_cache(cfg.n_layer))
-                    else:
-                        model(tok, cache)
+                    run()
                     torch.cuda.synchronize()
                 events = [e for e in prof.key_averages() if getattr(e, "self_device_time_total", 0) > 0]
                 rows = sorted(({"kernel": e.key[:90], "us": e.self_device_time_total, "count": e.count}
                                for e in events), key=lambda r: -r["us"])
                 total = sum(r["us"] for r in rows)
-                out[f"{label} {phase}"] = {"total_us": total, "kernels": rows[:14]}
+                out[f"{label} {phase}"] = {"total_us": total, "kernels": rows[:24]}
                 log(f"{label} {phase}: {total:.0f} us of kernels")
+    return out
+
+
+def pdl_ab(device: torch.device, args: argparse.Namespace) -> dict:
+    """Decoding time per token (CUDA graph, batch 1, after a --prompt-len prefill) of the fp16 model and
+    the --profile-recipe twin (quantized embedding and lm_head), with the Triton kernels launched with and
+    without programmatic dependent launch (ssmq.ops.triton.common.USE_PDL), in one run."""
+    from ssmq.bench.graphs import GraphDecoder, static_cache
+    from ssmq.bench.models import DEFAULT_RECIPES, prepare_for_inference, random_fp_model, random_quantized_model
+    from ssmq.bench.shapes import shape_config
+    from ssmq.bench.timing import median_ms
+    from ssmq.ops.triton import common
+
+    cfg = shape_config(args.shape)
+    recipe = args.profile_recipe or DEFAULT_RECIPES[cfg.arch]
+    ids = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), device=device)
+    out: dict = {}
+    with torch.no_grad():
+        for label, build in (("fp16", lambda: random_fp_model(cfg, device)),
+                             (recipe, lambda: random_quantized_model(cfg, device, recipe, quantize_embedding=True,
+                                                                     quantize_lm_head=True))):
+            model = prepare_for_inference(build())
+            for use in (True, False, True):
+                common.USE_PDL = use
+                cache = static_cache(cfg.n_layer)
+                tok = model(ids, cache)[:, -1].argmax(-1, keepdim=True)
+                decoder = GraphDecoder(model, cache, tok)
+                ms = median_ms(lambda: [decoder.step() for _ in range(32)], device, repeats=5) / 32
+                out.setdefault(label, {}).setdefault("pdl" if use else "no pdl", []).append(round(ms, 4))
+                log(f"{label} PDL {use}: {ms:.3f} ms per token")
+    common.USE_PDL = True
     return out
 
 
@@ -558,7 +594,7 @@ def print_summary() -> None:
     if prof and "error" not in prof and "skipped" not in prof:
         for key, value in prof.items():
             print(f"\n=== kernels, {key}: {value['total_us']:.0f} us ===")
-            for r in value["kernels"][:10]:
+            for r in value["kernels"][:18]:
                 print(f"{r['us']:9.0f} us {r['count']:5d}x  {r['kernel']}")
     scan_cfg = RESULTS["stages"].get("scan", {}).get("scan_configs")
     if scan_cfg:
@@ -601,7 +637,7 @@ def print_bench(stage: str, b: dict | None) -> None:
 
 DEFAULT_STAGES = "checks,model,m2model,tune,bench,m2checks,m2time,profile,linear,bench_fp16_head"
 STAGE_COST_S = {"checks": 25, "model": 25, "m2model": 40, "tune": 30, "bench": 60, "bench_fp16_head": 30, "profile": 25,
-                "linear": 35, "scan": 20, "m2checks": 35, "m2time": 50}
+                "linear": 35, "scan": 20, "m2checks": 35, "m2time": 50, "pdl": 60}
 """Expected seconds per stage on an H100 with the Triton cache carried (compiling adds ~1 s per kernel);
 a stage starts only when it should end within --budget-s."""
 
@@ -688,12 +724,13 @@ def main() -> None:
         "bench": lambda: bench(device, args),
         "bench_fp16_head": lambda: bench(device, args, int8_head=False, batches="1", transformers=False),
         "profile": lambda: profile(device, args),
+        "pdl": lambda: pdl_ab(device, args),
         "linear": lambda: linear_micro(device, dims, args.sweep_linear),
         "m2checks": lambda: {"rows": mamba2_gpu.checks(Checks(device, dims), m2_mode, 0.4 * args.m2_budget_s)},
         "m2time": lambda: mamba2_gpu.timings(device, m2_mode, 0.6 * args.m2_budget_s, log),
     }
     for stage in stages:
-        if args.dry_run and stage in ("scan", "tune", "bench", "bench_fp16_head", "profile", "linear"):
+        if args.dry_run and stage in ("scan", "tune", "bench", "bench_fp16_head", "profile", "linear", "pdl"):
             continue
         if stage not in runners:
             log(f"--- stage {stage} unknown (stages: {', '.join(runners)})")

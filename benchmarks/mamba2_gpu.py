@@ -5,12 +5,12 @@ their reference ops at mamba2-2.7b shapes, then timed side by side with fp16 and
             and their decoding steps (batch 16, static state updated in place); the gated RMSNorm (fp16
             prefill at 2.7b, fp32 batch 16 at 8b with 8 groups); W4A16 / W4A8 linear on
             in_proj (2560 -> 10576) and out_proj (5120 -> 2560) at M = 1 (GEMV), 16 and 2048 (GEMM)
-  m2time    median us (do_bench; weights cycled through copies so that L2 does not hold them) of fp16
-            cuBLAS / W8A8 / W4A16 / W4A8 for those projections at M = 1 and 2048 (and mamba2-8b-like
-            GEMVs), the SSD scan fp16 vs int8 (prefill 2048 after a small tile sweep of each, decoding step
-            at batch 1), the layer's other decoding ops, and its decoding step as the sum of its ops' times
-            (the model-level `ssmq bench` for Mamba2 recipes is not wired yet)
-
+  m2time    median us (each from a CUDA graph of many calls, so without the host's launch cost; weights
+            cycled through copies so that L2 does not hold them) of fp16 cuBLAS / W8A8 / W4A16 / W4A8 for
+            those projections at M = 1 and 2048 and for the mamba2-8b projections and lm_head at M = 1 (with
+            a sweep of W4A8 GEMV tiles), the SSD scan fp16 vs int8 (prefill 2048 after a small tile sweep of
+            each), and the layer's other decoding ops at batch 1 for both sizes; a layer's decoding step is
+            then the sum of its ops' times, per precision
 Each stage stops starting new cases past its time budget (--m2-budget-s, split between the two). Modes:
 "gpu"; "dry" (`gpu_check.py --dry-run`: tiny shapes on the Triton interpreter, no time budget, to test this
 file); "compile" (benchmarks/triton_cache.py: the real shapes' Triton calls once each, on a machine
@@ -24,7 +24,7 @@ from collections.abc import Callable
 
 import torch
 
-from ssmq.ops import dispatch, int4_linear, int8_scan, norm, scan
+from ssmq.ops import dispatch, hadamard, int4_linear, int8_scan, norm, quantize, scan
 from ssmq.ops.int4 import pack_int4
 
 # mamba2-2.7b: d_model 2560, expand 2, headdim 64, d_state 128, ngroups 1; mamba2-8b-like: d_model 4096, ngroups 8
@@ -32,11 +32,13 @@ REAL = dict(d_model=2560, d_inner=5120, headdim=64, d_state=128, ngroups=1, L=20
 REAL_8B = dict(d_model=4096, d_inner=8192, headdim=64, d_state=128, ngroups=8)
 TINY = dict(d_model=128, d_inner=128, headdim=16, d_state=16, ngroups=2, L=40, B=2)
 # W4A8 GEMV alternatives timed at M = 1 beside the default: the byte kernel, and dp4a tiles (rows, groups, warps)
-W4A8_GEMV_CONFIGS = [dict(DP4A=0)] + [dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=w) for bn, bg, w in (
-    (8, 8, 4), (16, 8, 4), (8, 4, 4), (32, 8, 8), (4, 16, 4))]
+W4A8_GEMV_CONFIGS = [dict(DP4A=0)] + [dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=w, UNROLL=u) for bn, bg, w, u in (
+    (8, 8, 4, 1), (16, 8, 4, 1), (16, 8, 4, 4), (8, 16, 8, 2), (16, 16, 8, 2), (16, 32, 8, 1), (32, 16, 8, 1))]
 # W4A16 dequantization (prefill) tiles: rows, packed bytes, warps
 DEQUANT_CONFIGS = [dict(BLOCK_N=bn, BLOCK_J=bj, num_warps=w) for bn, bj, w in (
     (32, 64, 4), (16, 128, 4), (8, 256, 4), (32, 128, 8), (64, 64, 8))]
+STEP_CONFIGS = [dict(BLOCK_P=bp, num_warps=w) for bp, w in ((16, 2), (8, 1), (8, 2), (16, 4), (32, 4), (64, 4),
+                                                              (64, 8), (32, 2))]
 SSD_CONFIGS = [dict(BLOCK_P=bp, T=t, num_warps=w, num_stages=st) for bp, t, w, st in (
     (32, 64, 8, 2), (32, 64, 4, 2), (16, 64, 4, 1), (64, 64, 8, 2), (64, 32, 8, 2))]
 
@@ -83,6 +85,13 @@ class _Ssd:
 
     def float_args(self) -> tuple:
         return self.x, self.dt, self.A, self.B, self.C, 256, self.D, self.dt_bias
+
+    def int8_kernel_args(self) -> tuple:
+        """The int8 arguments of ssmq.ops.triton.ssd.ssd_scan (to time tile alternatives)."""
+        return (self.xq, self.dt, self.A, self.Bq, self.Cq, self.D, self.dt_bias, True, (0.0, float("inf")))
+
+    def scales(self) -> dict[str, torch.Tensor]:
+        return {"x": self.x_scale, "B": self.B_scale, "C": self.C_scale, "state": self.state_scale}
 
     def int8_args(self) -> tuple:
         return (self.xq, self.x_scale, self.dt, self.A, self.Bq, self.B_scale, self.Cq, self.C_scale,
@@ -133,6 +142,13 @@ def checks(ck, mode: str, budget_s: float) -> list[dict]:
                           y, zq, zs, nw.float(), 1e-5, group),
                       lambda y=y, zq=zq, zs=zs, nw=nw, group=group: norm.gated_rms_norm(
                           y, zq.float() * zs, nw.float(), 1e-5, group)))
+        y16, out_scale = y.half(), torch.tensor(0.04, device=dev)  # into out_proj: norm + Hadamard + quantize
+        cases.append(("gated norm + Hadamard + quantize, int8 gate", f"({rows},{width}) group={group}",
+                      lambda y16=y16, zq=zq, zs=zs, nw=nw, group=group, os_=out_scale:
+                      dispatch.gated_norm_hadamard_quantize(y16, zq, zs, nw.float(), 1e-5, group, os_),
+                      lambda y16=y16, zq=zq, zs=zs, nw=nw, group=group, os_=out_scale: quantize.quantize(
+                          hadamard.hadamard_transform(norm.gated_rms_norm(y16, zq.float() * zs, nw.float(), 1e-5,
+                                                                          group)), os_)))
     for label, nout, k in (("in_proj", in_proj_dim(d), d["d_model"]), ("out_proj", d["d_model"], d["d_inner"])):
         w = _random_int4(nout, k, dev, gen)
         bias = torch.randn(nout, device=dev, generator=gen)
@@ -166,13 +182,14 @@ def checks(ck, mode: str, budget_s: float) -> list[dict]:
 
 
 def _bench(fn: Callable[[], object], mode: str) -> float:
-    """Median time of fn in us (one untimed call unless on a GPU)."""
+    """Median time of fn in us, from a CUDA graph of many calls (no host launch cost in the number, as in
+    the benchmark's graph decoding); one untimed call unless on a GPU."""
     if mode != "gpu":
         fn()
         return float("nan")
-    from triton.testing import do_bench
+    from triton.testing import do_bench_cudagraph
 
-    return do_bench(fn, warmup=10, rep=40, return_mode="median") * 1e3
+    return do_bench_cudagraph(fn, rep=10, return_mode="median") * 1e3
 
 
 def timings(device: torch.device, mode: str, budget_s: float, log: Callable[[str], None]) -> dict:
@@ -205,14 +222,14 @@ def timings(device: torch.device, mode: str, budget_s: float, log: Callable[[str
     d = TINY if dry else REAL
     s = torch.tensor(0.01, device=device)
     copies = {"gpu": 6, "dry": 2}.get(mode, 1)
-    shapes = [("in_proj", in_proj_dim(d), d["d_model"], (1, d["L"])),
-              ("out_proj", d["d_model"], d["d_inner"], (1, d["L"]))]
+    shapes = [("in_proj", d, in_proj_dim(d), d["d_model"], (1, d["L"])),
+              ("out_proj", d, d["d_model"], d["d_inner"], (1, d["L"]))]
     if not dry:
-        shapes += [("8b in_proj", in_proj_dim(REAL_8B), REAL_8B["d_model"], (1,)),
-                   ("8b out_proj", REAL_8B["d_model"], REAL_8B["d_inner"], (1,)),
-                   ("8b lm_head", 256000, REAL_8B["d_model"], (1,))]
-    step_ops: dict[str, dict[str, float | None]] = {}
-    for label, nout, k, ms in shapes:
+        shapes += [("8b in_proj", REAL_8B, in_proj_dim(REAL_8B), REAL_8B["d_model"], (1,)),
+                   ("8b out_proj", REAL_8B, REAL_8B["d_model"], REAL_8B["d_inner"], (1,)),
+                   ("8b lm_head", REAL_8B, 256000, REAL_8B["d_model"], (1,))]
+    step_ops: dict[str, dict[str, dict[str, float | None]]] = {}
+    for label, dims, nout, k, ms in shapes:
         w16 = [torch.randn(nout, k, device=device, generator=gen).half() for _ in range(copies)]
         w8 = [torch.randint(-127, 128, (nout, k), device=device, generator=gen, dtype=torch.int8)
               for _ in range(copies)]
@@ -241,8 +258,8 @@ def timings(device: torch.device, mode: str, budget_s: float, log: Callable[[str
                 name = "w4a8 bytes" if cfg.get("DP4A") == 0 else "w4a8 " + ",".join(f"{v}" for v in cfg.values())
                 row(op, name, lambda cfg=cfg: tw4.w4a8_linear(xq, s, w4[next(it) % copies]["packed"], w4[0]["s_c"],
                                                               w4[0]["g"], out_dtype=torch.float16, config=cfg))
-            if m == 1 and not label.startswith("8b"):
-                step_ops[label] = times
+            if m == 1 and not label.endswith("lm_head"):
+                step_ops.setdefault(_size(dims), {})[label.split()[-1]] = times
     # SSD scan prefill: a small tile sweep for each of fp16 and int8, then the two side by side, each with
     # its best tiles
     pre = _Ssd(d, 1, d["L"], device, gen)
@@ -263,49 +280,81 @@ def timings(device: torch.device, mode: str, budget_s: float, log: Callable[[str
     op = f"ssd_scan prefill (1,{d['L']},{d['d_inner'] // d['headdim']},{d['headdim']}) n={d['d_state']}, best tiles"
     for kind, (_, cfg) in best.items():
         row(op, kind, lambda run=runs[kind], cfg=cfg: run(cfg))
+    for dims in (d,) if dry else (REAL_8B, d):
+        step_ops.setdefault(_size(dims), {}).update(_step_ops(dims, device, gen, row, s))
+    out["layer_step_us"] = {size: layer_step(ops) for size, ops in step_ops.items()}
+    for size, steps in out["layer_step_us"].items():
+        for variant, us in steps.items():
+            log(f"{size} per-layer decoding step (sum of ops), {variant}: {us:.1f} us")
+    return out
+
+
+def _size(d: dict[str, int]) -> str:
+    return f"d_model {d['d_model']}"
+
+
+def _step_ops(d: dict[str, int], device: torch.device, gen: torch.Generator, row: Callable, s: torch.Tensor
+              ) -> dict[str, dict[str, float | None]]:
+    """The times of a Mamba2 layer's decoding ops other than its projections, batch 1, at dims `d` (and
+    of some alternative tiles of the SSD step and the gated norm)."""
+    from ssmq.ops.triton import hadamard as thad
+    from ssmq.ops.triton import norm as tnorm
+    from ssmq.ops.triton import ssd as tssd
+
+    size = _size(d)
     one = _Ssd(d, 1, 1, device, gen)
     fslot, qslot = dispatch.mark_static_state(one.state.clone()), dispatch.mark_static_state(one.state_q.clone())
-    op = "ssd_scan decoding step, batch 1"
-    step_ops["ssd step"] = {
+    op = f"{size}: ssd_scan decoding step, batch 1"
+    ops = {"ssd step": {
         "fp16": row(op, "fp16", lambda: dispatch.ssd_scan(*one.float_args(), state=fslot)),
         "int8": row(op, "int8", lambda: dispatch.int8_ssd_scan(*one.int8_args(), D=one.D, dt_bias=one.dt_bias,
                                                                state_q=qslot)),
-    }
-    # the layer's remaining decoding ops: conv step (fp16 / int8 kernels) and the gated norm (one kernel)
+    }}
+    for cfg in STEP_CONFIGS:
+        row(op, f"int8 {cfg}", lambda cfg=cfg: tssd.ssd_scan(*one.int8_kernel_args(), qslot, torch.float16,
+                                                             scales=one.scales(), inplace=True, config=cfg))
     cdim = d["d_inner"] + 2 * d["ngroups"] * d["d_state"]
     xc, wc = torch.randn(1, 1, cdim, device=device, generator=gen).half(), torch.randn(cdim, 4, device=device).half()
     cstate = dispatch.mark_static_state(torch.zeros(1, 3, cdim, device=device, dtype=torch.float16))
     xcq, wcq = torch.randint(-127, 128, (1, 1, cdim), device=device, dtype=torch.int8), torch.randint(
         -127, 128, (cdim, 4), device=device, dtype=torch.int8)
     cqstate = dispatch.mark_static_state(torch.zeros(1, 3, cdim, device=device, dtype=torch.int8))
-    op = "conv1d + SiLU step, batch 1"
-    step_ops["conv step"] = {
+    op = f"{size}: conv1d + SiLU step, batch 1"
+    ops["conv step"] = {
         "fp16": row(op, "fp16", lambda: dispatch.causal_conv1d_silu(xc, wc, None, cstate)),
         "int8": row(op, "int8", lambda: dispatch.int8_causal_conv1d_silu(xcq, s, wcq, s, None, s, cqstate)),
     }
-    y, z, nw = (torch.randn(1, 1, d["d_inner"], device=device).half() for _ in range(3))
-    step_ops["gated norm"] = {"fp16": row("gated RMSNorm step", "fp16",
-                                          lambda: dispatch.gated_rms_norm(y, z, nw, 1e-5, d["d_inner"] // d["ngroups"]))}
+    y, z = (torch.randn(1, 1, d["d_inner"], device=device).half() for _ in range(2))
+    nw = torch.rand(d["d_inner"], device=device).half() + 0.5
+    group = d["d_inner"] // d["ngroups"]
+    op = f"{size}: gated RMSNorm step, batch 1"
+    ops["gated norm"] = {"fp16": row(op, "fp16", lambda: dispatch.gated_rms_norm(y, z, nw, 1e-5, group))}
+    for warps in (4, 8, 16, 32):
+        row(op, f"fp16 {warps} warps", lambda w=warps: tnorm.gated_rms_norm(y, z, nw, 1e-5, group,
+                                                                            config={"num_warps": w}))
     hid, res, nw2 = (torch.randn(1, 1, d["d_model"], device=device).half() for _ in range(3))
-    op = "residual add + RMSNorm step, batch 1"
-    step_ops["add norm"] = {
+    op = f"{size}: residual add + RMSNorm step, batch 1"
+    ops["add norm"] = {
         "fp16": row(op, "fp16", lambda: dispatch.add_rms_norm(hid, res, nw2, 1e-5)),
         "int8": row(op, "int8 (quantize fused)", lambda: dispatch.int8_add_rms_norm(hid, res, nw2, 1e-5, s)),
     }
-    step_ops["hadamard"] = {"fp16": 0.0, "int8": row("Hadamard + quantize before out_proj, batch 1", "int8",
-                                                     lambda: dispatch.hadamard_quantize(y, s))}
-    out["layer_step_us"] = layer_step(step_ops)
-    for variant, us in out["layer_step_us"].items():
-        log(f"per-layer decoding step (sum of ops), {variant}: {us:.1f} us")
-    return out
+    ops["hadamard"] = {"fp16": 0.0, "int8": row(f"{size}: Hadamard + quantize before out_proj, batch 1", "int8",
+                                                lambda: dispatch.hadamard_quantize(y, s))}
+    zq, nw32 = torch.randint(-127, 128, (1, 1, d["d_inner"]), device=device, dtype=torch.int8), nw.float()
+    op = f"{size}: gated norm (int8 z) + Hadamard + quantize, batch 1"
+    row(op, "int8 fused", lambda: dispatch.gated_norm_hadamard_quantize(y, zq, s, nw32, 1e-5, group, s))
+    for cfg in ({"PB": 16, "num_warps": 4}, {"PB": 32, "num_warps": 8}, {"PB": 32, "num_warps": 4},
+                {"PB": 64, "num_warps": 8}):
+        row(op, f"int8 fused {cfg}", lambda cfg=cfg: thad.gated_norm_hadamard(y, zq, nw32, 1e-5, group, s, s, cfg))
+    return ops
 
 
 def layer_step(ops: dict[str, dict[str, float | None]]) -> dict[str, float]:
-    """A Mamba2 layer's decoding step as the sum of its ops' times (launch gaps and the quantized gated
-    norm's dequantization of z not included), per precision: fp16 (cuBLAS GEMVs; fp16 add + norm, conv and
-    scan kernels), w8a8 / w4a8 (their GEMVs; int8 add + norm + quantize, conv, scan, and the Hadamard +
-    quantize before out_proj), w4a16 (its GEMVs, the fp16 ops). The gated norm kernel counts the same
-    for all."""
+    """A Mamba2 layer's decoding step as the sum of its ops' times (each from a CUDA graph, so launch gaps
+    inside a graph are counted once per op), per precision: fp16 (cuBLAS GEMVs; fp16 add + norm, conv, scan
+    and gated norm kernels), w8a8 / w4a8 (their GEMVs; int8 add + norm + quantize, conv, scan, gated norm
+    on int8 z, timed as the fp16 one, and the Hadamard + quantize before out_proj), w4a16 (its GEMVs, the fp16
+    ops)."""
     total = {}
     for variant in ("fp16 cuBLAS", "w8a8", "w4a16", "w4a8"):
         act = "fp16" if variant in ("fp16 cuBLAS", "w4a16") else "int8"
@@ -340,10 +389,9 @@ def summary(stages: dict) -> None:
                          and us > 0 else "")
                 cells.append(f"{v} {us:.1f}{ratio}" if isinstance(us, float) else f"{v} {us}")
             print(f"{op:<48} " + " | ".join(cells))
-        lay = t.get("layer_step_us", {})
-        if lay:
+        for size, lay in t.get("layer_step_us", {}).items():
             base = lay.get("fp16 cuBLAS")
-            print("per-layer decoding step, sum of op times (us): " + " | ".join(
+            print(f"{size}: per-layer decoding step, sum of op times (us): " + " | ".join(
                 f"{k} {v:.1f}" + (f" (x{base / v:.2f})" if base else "") for k, v in lay.items()))
         if t.get("cases_skipped"):
             print(f"skipped (time budget): {', '.join(t['cases_skipped'])}")
@@ -364,5 +412,6 @@ def headline(stages: dict) -> dict:
     if times:
         out["m2time_us"] = times
     if t.get("layer_step_us"):
-        out["m2_layer_step_us"] = {k: round(v, 1) for k, v in t["layer_step_us"].items()}
+        out["m2_layer_step_us"] = {size: {k: round(v, 1) for k, v in lay.items()}
+                                   for size, lay in t["layer_step_us"].items()}
     return out
