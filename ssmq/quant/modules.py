@@ -9,6 +9,8 @@ or left empty (to be filled by a checkpoint) when built from shapes.
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 from torch import nn
 
@@ -176,17 +178,18 @@ class QuantSelectiveScan(nn.Module):
         return y.to(torch.float16), self.state(last)
 
 
-class Deferred:
+class Deferred(ABC):
     """A module's output not computed yet, so that its consumer can compute it fused with its own op
     (QuantHadamard: Mamba2's gated norm, rotation and quantization as one kernel). A consumer that cannot
     fuse asks for `value()`."""
 
+    @abstractmethod
     def value(self) -> torch.Tensor:
-        raise NotImplementedError
+        """The output itself."""
 
+    @abstractmethod
     def rotate_quantize(self, scale: torch.Tensor) -> torch.Tensor:
         """int8 codes of quantize(hadamard_transform(value()), scale)."""
-        raise NotImplementedError
 
 
 class QuantHadamard(nn.Module):

@@ -96,7 +96,9 @@ def _hopper_or_newer(index: int) -> bool:
 def pdl_options(device: torch.device) -> dict[str, bool]:
     """Launch options for programmatic dependent launch (PDL): on Hopper and newer GPUs a kernel may be
     launched, and run its prologue, while the kernel before it finishes; it waits (wait_for_inputs)
-    before it reads an activation or writes anything. Off under the interpreter and on older GPUs."""
+    before it reads or writes any tensor (before the wait, the previous kernel's writes may not be
+    visible, and a weight may have just been computed by it); only L2 prefetches come earlier. Off
+    under the interpreter and on older GPUs."""
     on = (USE_PDL and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
           and _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device()))
     return {"PDL": on, "launch_pdl": on}
@@ -105,7 +107,7 @@ def pdl_options(device: torch.device) -> dict[str, bool]:
 @triton.jit
 def wait_for_inputs(PDL: tl.constexpr, LET_NEXT_START: tl.constexpr = True):
     """With PDL: wait until the kernel before this one has finished and its writes are visible (every
-    read of an activation and every write comes after this), then (LET_NEXT_START) let the next kernel
+    load and store comes after this), then (LET_NEXT_START) let the next kernel
     start launching. Every kernel launched with PDL calls it on all paths, so the waits chain: kernel
     k + 2 waits for k. A kernel of several waves of programs passes LET_NEXT_START=False and calls
     let_next_start after its main loop, so that the next kernel's waiting programs do not take the SM

@@ -95,9 +95,9 @@ def _conv_step_kernel(x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, ns_ptr, xs_ptr, ws_pt
     cmask = c < C
     i = tl.arange(0, KWP)
     rows = (i < KW - 1)[:, None] & cmask[None, :]
+    wait_for_inputs(PDL)
     w_last = tl.load(w_ptr + c * stride_wc + (KW - 1), mask=cmask, other=0)
     w_prev = tl.load(w_ptr + c[None, :] * stride_wc + i[:, None], mask=rows, other=0)
-    wait_for_inputs(PDL)
     x = tl.load(x_ptr + b * stride_xb + c, mask=cmask, other=0)
     if HAS_STATE:
         s_rows = s_ptr + b * stride_sb + c[None, :]

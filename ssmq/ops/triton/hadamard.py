@@ -65,9 +65,9 @@ def _hadamard_kernel(x_ptr, s_ptr, bt_ptr, out_ptr, os_ptr, stride_x, inv_sqrt_n
     c = tl.arange(0, MP)
     in_offs = a[:, None] * MB + c[None, :]
     in_mask = (c < MB)[None, :] & (a < P)[:, None]
+    wait_for_inputs(PDL)
     s = tl.load(s_ptr + a_out[:, None] * P + a[None, :])
     bt = tl.load(bt_ptr + c[:, None] * MP + c[None, :])
-    wait_for_inputs(PDL)
     x = tl.load(x_ptr + row * stride_x + in_offs, mask=in_mask, other=0.0)
     if NORM:
         x = _gated_norm_tile(x, row, in_offs, in_mask, z_ptr, zs_ptr, w_ptr, stride_z, eps, GROUP, P, NG, GATE_Q,

@@ -26,8 +26,8 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, out_ptr, res_ptr, os_ptr, D, strid
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     wait_for_inputs(PDL)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     x = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0)
     if ROUND_RES:  # the residual is kept in hidden's dtype: round the sum to it before the norm reads it
         if HAS_RES:
@@ -116,8 +116,8 @@ def _gated_rms_norm_kernel(y_ptr, g_ptr, gs_ptr, w_ptr, out_ptr, D, GROUP, strid
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * GROUP + tl.arange(0, BLOCK)
     mask = tl.arange(0, BLOCK) < GROUP
-    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     wait_for_inputs(PDL)
+    w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
     g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0).to(tl.float32)
     if GATE_Q:

@@ -109,8 +109,8 @@ def _scan_step_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, db_ptr, 
     nmask = n < N
     dn_mask = dmask[:, None] & nmask[None, :]
     dn = d[:, None] * N + n[None, :]
-    A = tl.load(A_ptr + dn, mask=dn_mask, other=0.0).to(tl.float32)
     wait_for_inputs(PDL)
+    A = tl.load(A_ptr + dn, mask=dn_mask, other=0.0).to(tl.float32)
     if HAS_H0:
         h = _load_tile(h0_ptr + b * s_hb, hs_ptr, dn, 0, dn_mask, STATE_INT)
     else:
