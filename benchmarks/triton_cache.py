@@ -145,11 +145,22 @@ def _record_workload() -> None:
     run("m2time", lambda: mamba2_gpu.timings(cpu, "compile", 0.0, lambda msg: None))
 
 
+def _launch_as_on_the_gpu(arch: int) -> None:
+    """The recorded CPU launches take the launch options the GPU's would: programmatic dependent launch
+    on sm_90 and newer (ssmq.ops.triton.common.pdl_options, which is off for CPU tensors)."""
+    options = {"PDL": arch >= 90, "launch_pdl": arch >= 90}
+    for name in KERNEL_MODULES:
+        module = importlib.import_module(f"ssmq.ops.triton.{name}")
+        if hasattr(module, "pdl_options"):
+            module.pdl_options = lambda device: dict(options)
+
+
 def record(out: Path, arch: int) -> None:
     from triton import knobs
     from triton.runtime.driver import driver
 
     driver.set_active(TargetOnlyDriver(arch))
+    _launch_as_on_the_gpu(arch)
     specs: dict[str, dict[str, str]] = {}
 
     def hook(*, fn, compile, **_):  # noqa: ANN001, ANN202 (Triton's hook protocol)
