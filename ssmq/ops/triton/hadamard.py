@@ -27,7 +27,7 @@ import triton.language as tl
 
 from ssmq.ops.hadamard import _base, _sylvester, supported_hadamard_size, check_hadamard_size
 from ssmq.ops.triton.common import (PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, load_scale, next_pow2,
-                                    pdl_options, quantize_rn, scale_mode, wait_for_inputs)
+                                    pdl_options, quantize_rn, scale_mode, silu, wait_for_inputs)
 
 MAX_P = 128
 _FLOATS = (torch.float16, torch.float32)
@@ -43,7 +43,7 @@ def _gated_norm_tile(y, row, offs, mask, z_ptr, zs_ptr, w_ptr, stride_z, eps, GR
     g = tl.load(z_ptr + row * stride_z + offs, mask=mask, other=0).to(tl.float32)
     if GATE_Q:
         g = g * load_scale(zs_ptr, ZS_MODE, row, offs, mask)
-    h = y.to(tl.float32) * (g / (1.0 + tl.exp(-g)))
+    h = y.to(tl.float32) * silu(g)
     sums = tl.sum(tl.reshape(tl.sum(h * h, axis=1), (NG, P // NG)), axis=1)
     rstd = tl.reshape(tl.broadcast_to(tl.rsqrt(sums / GROUP + eps)[:, None], (NG, P // NG)), (P,))
     w = tl.load(w_ptr + offs, mask=mask, other=0.0)
@@ -86,6 +86,7 @@ def _hadamard_kernel(x_ptr, s_ptr, bt_ptr, out_ptr, os_ptr, stride_x, inv_sqrt_n
         tl.store(out, z, mask=inside)
 
 
+@lru_cache(maxsize=64)
 def factors(n: int) -> tuple[int, int] | None:
     """(P, |B'|) for a row of n, or None when n is too small (P < 16) or B' too wide for one tile."""
     if not supported_hadamard_size(n):

@@ -16,7 +16,7 @@ import triton
 import triton.language as tl
 
 from ssmq.ops.triton.common import (PER_CHANNEL, PER_TENSOR, flat_scale, load_scale, next_pow2, pdl_options,
-                                    quantize_rn, scale_mode, wait_for_inputs)
+                                    quantize_rn, scale_mode, silu, wait_for_inputs)
 
 
 @triton.jit
@@ -122,7 +122,7 @@ def _gated_rms_norm_kernel(y_ptr, g_ptr, gs_ptr, w_ptr, out_ptr, D, GROUP, strid
     g = tl.load(g_ptr + row * stride_g + cols, mask=mask, other=0).to(tl.float32)
     if GATE_Q:
         g = g * load_scale(gs_ptr, GS_MODE, row, cols, mask)
-    h = y * (g / (1.0 + tl.exp(-g)))
+    h = y * silu(g)
     normed = h * tl.rsqrt(tl.sum(h * h, axis=0) / GROUP + eps)
     v = w.to(tl.float32) * normed.to(w_ptr.dtype.element_ty).to(tl.float32)
     tl.store(out_ptr + row * D + cols, v.to(out_ptr.dtype.element_ty), mask=mask)
