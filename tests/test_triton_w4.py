@@ -27,10 +27,10 @@ from ssmq.ops.triton.conformance import agreement  # noqa: E402
 SHAPES = [((1,), 24, 384), ((3,), 20, 80), ((2, 9), 33, 256), ((70,), 20, 256)]
 
 
-def tiles(lead: tuple[int, ...], dp4a: int = 1) -> dict[str, int] | None:
-    """Fewer, wider GEMV programs: the interpreter's time grows with the number of programs. dp4a=0 makes
+def tiles(lead: tuple[int, ...], words: int = 1) -> dict[str, int] | None:
+    """Fewer, wider GEMV programs: the interpreter's time grows with the number of programs. words=0 makes
     a W4A8 GEMV take the byte kernel instead of the int32-word (dp4a) one."""
-    return dict(BLOCK_N=8, DP4A=dp4a) if lead[0] <= w4.GEMV_MAX_ROWS and len(lead) == 1 else None
+    return dict(BLOCK_N=8, WORDS=words) if lead[0] <= w4.GEMV_MAX_ROWS and len(lead) == 1 else None
 
 
 def w4a16_paths(lead: tuple[int, ...]) -> list[dict[str, int] | None]:
@@ -63,6 +63,18 @@ def test_w4a16_linear(lead, n, k):
         assert agreement(out, ref.w4a16_linear(x, packed, scale, None, torch.float16)).ok
 
 
+def test_w4a16_gemv_decodes_every_code_at_every_position():
+    """Each of the 16 codes in each column of a group (rows shift the pattern), x small integers and
+    power-of-two scales: every sum is exact in fp32, so the GEMV must equal the reference exactly."""
+    k = 256
+    codes = torch.stack([(torch.arange(k) + r).remainder(16) - 8 for r in range(16)]).to(torch.int8)
+    scale = 2.0 ** torch.randint(-4, 4, (16, 2), generator=torch.Generator().manual_seed(1)).float()
+    x = torch.randint(-3, 4, (1, k), generator=torch.Generator().manual_seed(2)).float()
+    out = w4.w4a16_linear(x, pack_int4(codes), scale, config=dict(BLOCK_N=8))
+    assert torch.equal(out, ref.w4a16_linear(x, pack_int4(codes), scale))
+    assert torch.equal(out, x @ (codes.float() * scale.repeat_interleave(128, dim=1)).T)
+
+
 def test_w4a16_dequantized_weights_are_the_reference_products():
     codes, scale = quantize_int4(weights(40, 384, seed=9))
     packed = pack_int4(codes)
@@ -71,15 +83,15 @@ def test_w4a16_dequantized_weights_are_the_reference_products():
     assert torch.equal(w4.dequantize_w4a16(packed, scale, torch.float16), expected.half())
 
 
-@pytest.mark.parametrize("dp4a", [1, 0])
+@pytest.mark.parametrize("words", [1, 0])
 @pytest.mark.parametrize("lead,n,k", SHAPES)
-def test_w4a8_linear_is_exact(lead, n, k, dp4a):
+def test_w4a8_linear_is_exact(lead, n, k, words):
     g = torch.Generator().manual_seed(k + 1)
     codes, s_c, gs = quantize_int4_two_level(weights(n, k, seed=n + 1))
     packed, bias = pack_int4(codes), torch.randn(n, generator=g)
     x = torch.randint(-128, 128, (*lead, k), generator=g, dtype=torch.int8)
     per_token = torch.rand(*lead, 1, generator=g) * 0.01 + 1e-3
-    cfg = tiles(lead, dp4a)
+    cfg = tiles(lead, words)
     out = w4.w4a8_linear(x, per_token, packed, s_c, gs, bias, torch.float32, config=cfg)
     assert torch.equal(out, ref.w4a8_linear(x, per_token, packed, s_c, gs, bias, torch.float32))
     out = w4.w4a8_linear(x, torch.tensor(0.01), packed, s_c, gs, None, torch.float16, config=cfg)
@@ -112,10 +124,10 @@ def test_w4a8_extreme_codes_and_group_scales():
     gs = torch.full((n, k // 128), 127, dtype=torch.int16)
     gs[:, 1] = 1
     s_c = torch.rand(n, generator=torch.Generator().manual_seed(0)) + 0.5
-    for m, dp4a in ((1, 1), (1, 0), (20, 1)):
+    for m, words in ((1, 1), (1, 0), (20, 1)):
         x = torch.full((m, k), -128, dtype=torch.int8)
         out = w4.w4a8_linear(x, torch.tensor(1.0), pack_int4(codes), s_c, gs, None, torch.float32,
-                             config=tiles((m,), dp4a))
+                             config=tiles((m,), words))
         assert torch.equal(out, ref.w4a8_linear(x, 1.0, pack_int4(codes), s_c, gs, None, torch.float32))
     assert float(out.abs().max()) > 2 ** 24
 

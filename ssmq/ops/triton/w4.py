@@ -167,8 +167,10 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
                            LINES: tl.constexpr, PDL: tl.constexpr):
     """The W4A8 GEMV on int32 words (see the module docstring): HALF bytes, so HALF / 4 words, per group (HW
     their power-of-two cover); K, the row strides and the pointers are multiples of 4 bytes (the launcher
-    checks). The group count and size are compile-time constants, so that the word loads vectorize and
-    UNROLL steps of the loop over K issue their loads together. With PDL the program's weight rows (LINES
+    checks). Each word's exact sum times its group's scale is accumulated element-wise, as the W8A8 dp4a
+    GEMV does, and reduced once at the end: no cross-thread sum per step (int32 sums are exact in any order).
+    The group count and size are compile-time constants, so that the word loads vectorize and UNROLL steps
+    of the loop over K issue their loads together. With PDL the program's weight rows (LINES
     128-byte lines each, a power-of-two cover) are prefetched into L2 while the kernel before finishes."""
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
@@ -182,7 +184,8 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
     g_rows = gs_ptr + (rn % N).to(tl.int64)[:, None] * stride_gn
     x_row = x_ptr.to(tl.pointer_type(tl.int32)) + m.to(tl.int64) * (stride_xm // 4)
     WG: tl.constexpr = HALF // 4
-    acc = tl.zeros((BLOCK_N,), dtype=tl.int32)
+    shape: tl.constexpr = (BLOCK_N, BLOCK_G, HW)
+    acc = tl.zeros(shape, dtype=tl.int32)
     for g0 in tl.range(0, NG, BLOCK_G, loop_unroll_factor=UNROLL):
         grp = g0 + gi
         gmask = grp < NG
@@ -192,16 +195,15 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
         xb = tl.load(x_row + 2 * kw + 1, mask=kmask, other=0)
         xe, xo = _even_odd_bytes(xa, xb)
         ones = tl.full(xa.shape, 0x01010101, tl.int32)
-        xsum = tl.sum(_dp4a(xb, ones, _dp4a(xa, ones, tl.zeros(xa.shape, tl.int32))), axis=1)
+        xsum8 = 8 * _dp4a(xb, ones, _dp4a(xa, ones, tl.zeros(xa.shape, tl.int32)))  # 8 * the word's x sum
         w = tl.load(w_rows + kw[None, :, :], mask=kmask[None, :, :], other=0)
-        shape: tl.constexpr = (BLOCK_N, BLOCK_G, HW)
+        g = tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0).to(tl.int32)
         d = _dp4a((w & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xe[None, :, :], shape), tl.zeros(shape, tl.int32))
         d = _dp4a(((w >> 4) & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xo[None, :, :], shape), d)
-        part = tl.sum(d, axis=2) - 8 * xsum[None, :]
-        acc += tl.sum(part * tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0).to(tl.int32), axis=1)
+        acc += (d - xsum8[None, :, :]) * g[:, :, None]  # each word's exact sum, times its group's scale
     let_next_start(PDL)
-    _epilogue(acc, m, rn, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr, XS_MODE, WS_MODE, HAS_BIAS,
-              OUT_INT8, OS_MODE)
+    _epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), m, rn, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr,
+              XS_MODE, WS_MODE, HAS_BIAS, OUT_INT8, OS_MODE)
 
 
 @triton.jit
@@ -248,28 +250,29 @@ def _gemm_config(m: int, n: int, x_bytes: int) -> dict[str, int]:
 
 
 def _gemv_config(n: int, n_groups: int, hg: int) -> dict[str, int]:
-    """About 640 programs or more with up to 8 weight rows each (as the W8A8 GEMV), and up to 4096 bytes
-    per row block and step, in whole groups that divide the row's groups (no masked tail step)."""
-    bn = 1
-    while bn < 8 and n // (2 * bn) >= 640:
-        bn *= 2
-    bg = max(1, min(next_pow2(n_groups), 4096 // (bn * hg)))
+    """8 weight rows by up to 8 whole groups (dividing the row's groups: no masked tail step) per step, 4
+    warps: the fastest of gpu_check's m2time sweep on an H200 for the mamba2-2.7b and -8b projections
+    (8b out_proj 18.8 us against 34.8 us for the 4 rows by 16 groups it had before)."""
+    bg = max(1, min(8, next_pow2(n_groups), 4096 // (8 * hg)))
     while bg > 1 and n_groups % bg:
         bg //= 2
-    return dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=4)
+    return dict(BLOCK_N=8, BLOCK_G=bg, num_warps=4)
 
 
 def _dp4a_config(n: int, n_groups: int) -> dict[str, int]:
     """The W4A8 dp4a GEMV's tiles, from gpu_check's m2time sweep on an H200 (CUDA-graph times of the
-    mamba2-2.7b and -8b projections and the 8b lm_head): 16 weight rows per program; for wide layers
-    (N >= 16384: in_proj, lm_head) 8 groups per step and 4 warps, for narrow ones (out_proj, with its long
-    rows) 16 groups, 8 warps and two steps unrolled (8b out_proj 10.3 us against 11.6 us)."""
-    if n >= 16384:
+    mamba2-2.7b and -8b projections and the 8b lm_head): 16 weight rows by 8 groups per step and 4 warps
+    for wide layers (N >= 8192: in_proj, lm_head; 8b in_proj 17.0 us); for narrow ones (out_proj, with its
+    long rows) 16 rows by 16 groups and 8 warps from N = 4096 (8b: 8.7 us against 11.8 us), 8 rows by 8
+    groups below (2.7b: 4.4 us against 5.6 us)."""
+    if n >= 8192:
         return dict(BLOCK_N=16, BLOCK_G=min(8, next_pow2(n_groups)), num_warps=4, UNROLL=1)
-    return dict(BLOCK_N=16, BLOCK_G=min(16, next_pow2(n_groups)), num_warps=8, UNROLL=2)
+    if n >= 4096:
+        return dict(BLOCK_N=16, BLOCK_G=min(16, next_pow2(n_groups)), num_warps=8, UNROLL=1)
+    return dict(BLOCK_N=8, BLOCK_G=min(8, next_pow2(n_groups)), num_warps=4, UNROLL=1)
 
 
-def _dp4a_ready(x2: torch.Tensor, w_packed: torch.Tensor, n_groups: int) -> bool:
+def _words_ready(x2: torch.Tensor, w_packed: torch.Tensor, n_groups: int) -> bool:
     """Whether x's rows and the packed weights can be read as int32 words, whole words per group."""
     k = x2.shape[1]
     return (k % 8 == 0 and (k // n_groups) % 8 == 0 and x2.stride(0) % 4 == 0 and w_packed.stride(0) % 4 == 0
@@ -291,8 +294,8 @@ def _launch(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor,
     flags = dict(XS_MODE=modes[0], WS_MODE=modes[1], HAS_BIAS=bias is not None, OUT_INT8=os_ is not None,
                  OS_MODE=modes[2], enable_fp_fusion=False)
     cfg = dict(config or {})
-    use_dp4a = cfg.pop("DP4A", 1)
-    if m <= GEMV_MAX_ROWS and a8 and use_dp4a and _dp4a_ready(x2, w_packed, n_groups):
+    words = cfg.pop("WORDS", 1)  # 0: the W4A8 GEMV on bytes, not int32 words (benchmarks compare the two)
+    if m <= GEMV_MAX_ROWS and a8 and words and _words_ready(x2, w_packed, n_groups):
         hw = max(2, next_pow2(half // 4))
         cfg = {**_dp4a_config(n, n_groups), **pdl_options(x2.device), **cfg}
         _w4a8_gemv_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](
