@@ -16,6 +16,7 @@ import torch  # noqa: E402
 import ssmq  # noqa: E402
 from ssmq.data import CalibrationData  # noqa: E402
 from ssmq.ops import dispatch  # noqa: E402
+from ssmq.ops.triton import hadamard as kernels_hadamard  # noqa: E402
 from ssmq.quant.quantize import quantize  # noqa: E402
 
 from conftest import random_ids, tiny_config  # noqa: E402
@@ -29,11 +30,12 @@ def test_grouped_w8a8_mamba2_runs_on_the_kernels(monkeypatch):
     fp = ssmq.build_model(cfg, seed=2)
     docs = CalibrationData.from_token_ids([random_ids(cfg.vocab_size, (20,), seed=s).tolist() for s in range(3)])
     qm = quantize(fp, "quamba2-w8a8", data=docs, progress=False)
-    ids = random_ids(cfg.vocab_size, (1, 7), seed=5)
+    prompt = kernels_hadamard.FUSED_NORM_MIN_ROWS  # a prefill long enough for the fused norm + rotation
+    ids = random_ids(cfg.vocab_size, (1, prompt + 1), seed=5)
 
     def run():
         cache = qm.new_cache()
-        return torch.cat([qm(ids[:, :6], cache), qm(ids[:, 6:7], cache)], dim=1).float()
+        return torch.cat([qm(ids[:, :prompt], cache), qm(ids[:, prompt:], cache)], dim=1).float()
 
     reference = run()
     kernels = dispatch._k()
@@ -49,10 +51,14 @@ def test_grouped_w8a8_mamba2_runs_on_the_kernels(monkeypatch):
         monkeypatch.setattr(module, name, wrapper)
 
     for module, name in [(kernels.ssd, "ssd_scan"), (kernels.conv, "conv1d"), (kernels.linear, "int8_linear"),
-                         (kernels.hadamard, "gated_norm_hadamard")]:
+                         (kernels.hadamard, "gated_norm_hadamard"), (kernels.hadamard, "hadamard"),
+                         (kernels.norm, "gated_rms_norm")]:
         spy(module, name)
     monkeypatch.setattr(dispatch, "uses_kernels", lambda *tensors: True)
     routed = run()
-    for name in ("ssd.ssd_scan", "conv.conv1d", "linear.int8_linear", "hadamard.gated_norm_hadamard"):
+    for name in ("ssd.ssd_scan", "conv.conv1d", "linear.int8_linear"):
         assert calls.get(name) and all(calls[name]), (name, calls.get(name))  # taken, never declined
+    # into out_proj: the fused kernel for the prefill, the norm's and the rotation's kernels for the step
+    assert calls["hadamard.gated_norm_hadamard"] == [True, False]
+    assert calls["norm.gated_rms_norm"] == [True] and calls["hadamard.hadamard"] == [True]
     assert (routed - reference).norm() / reference.norm() < 2e-2

@@ -51,7 +51,9 @@ def test_hadamard_many_rows():
     (768, 96, 3, True, torch.float32),      # 8 groups of 4 tile rows (mamba2-8b-like)
     (256, 64, 70, False, torch.float16),    # float gate, fp16 weight, a whole row per program (prefill)
 ])
-def test_gated_norm_hadamard_quantize_matches_the_two_ops(n, group, rows, gate_q, wdtype):
+def test_gated_norm_hadamard_quantize_matches_the_two_ops(n, group, rows, gate_q, wdtype, monkeypatch):
+    if rows < th.FUSED_NORM_MIN_ROWS:  # the kernel declines decoding sizes by default; it still computes them
+        monkeypatch.setattr(th, "FUSED_NORM_MIN_ROWS", 1)
     from ssmq.ops.norm import gated_rms_norm
 
     gen = torch.Generator().manual_seed(n + group)
@@ -68,6 +70,23 @@ def test_gated_norm_hadamard_quantize_matches_the_two_ops(n, group, rows, gate_q
     scale = rotated.abs().amax() / 127
     out = th.gated_norm_hadamard(y, gate, w, 1e-5, group, gate_scale, scale)
     assert out.dtype == torch.int8 and agreement(out, quantize(rotated, scale)).ok
+
+
+def test_gated_norm_hadamard_declines_decoding_rows():
+    """Below FUSED_NORM_MIN_ROWS the fused kernel returns None and the dispatch runs the norm's and the
+    rotation's kernels, with the same result as the fused kernel."""
+    from ssmq.ops import dispatch
+
+    gen = torch.Generator().manual_seed(4)
+    y, w = torch.randn(2, 768, generator=gen).half(), torch.rand(768, generator=gen) + 0.5
+    gate, gs, scale = torch.randint(-127, 128, (2, 768), generator=gen, dtype=torch.int8), torch.tensor(0.03), 0.05
+    assert th.gated_norm_hadamard(y, gate, w, 1e-5, 96, gs, torch.tensor(scale)) is None
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(dispatch, "uses_kernels", lambda *tensors: True)
+        apart = dispatch.gated_norm_hadamard_quantize(y, gate, gs, w, 1e-5, 96, torch.tensor(scale))
+        mp.setattr(th, "FUSED_NORM_MIN_ROWS", 1)
+        fused = th.gated_norm_hadamard(y, gate, w, 1e-5, 96, gs, torch.tensor(scale))
+    assert agreement(apart, fused).ok
 
 
 def test_gated_norm_hadamard_refuses_groups_across_tile_rows():
