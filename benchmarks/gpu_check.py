@@ -19,8 +19,9 @@ Stages (all by default, in this order; --stages picks some):
           --sweep-linear also alternative tile shapes
   m2checks, m2time  Mamba2 SSD-scan and W4A16 / W4A8 kernels at mamba2-2.7b shapes: checks, then times
           beside fp16 and W8A8 (benchmarks/mamba2_gpu.py; both within --m2-budget-s)
-  pdl     (not run by default) decoding time per token of fp16 and the --profile-recipe twin with the
-          Triton kernels launched with programmatic dependent launch on, off and on again
+  ab      (not run by default) decoding time per token of fp16 and the --profile-recipe twin with a
+          module-level kernel switch set to each of a few values in turn (--ab-switch; by default
+          programmatic dependent launch on, off and on again)
 Each stage runs alone (an exception fails that stage only) and starts only if its expected cost
 (STAGE_COST_S) fits in --budget-s. Prints a pass/fail table and a ratio table last, then one line
 `SUMMARY_JSON {...}` with the headline numbers; writes $OUT/gpu_check.json (or ./gpu_check.json).
@@ -531,34 +532,42 @@ def profile(device: torch.device, args: argparse.Namespace) -> dict:
     return out
 
 
-def pdl_ab(device: torch.device, args: argparse.Namespace) -> dict:
+def switch_ab(device: torch.device, args: argparse.Namespace) -> dict:
     """Decoding time per token (CUDA graph, batch 1, after a --prompt-len prefill) of the fp16 model and
-    the --profile-recipe twin (quantized embedding and lm_head), with the Triton kernels launched with and
-    without programmatic dependent launch (ssmq.ops.triton.common.USE_PDL), in one run."""
+    the --profile-recipe twin (quantized embedding and lm_head), with a module-level switch of the kernels
+    (--ab-switch MODULE.NAME=V1,V2,...; default PDL on, off, on) set to each value in turn, in one run."""
+    import ast
+    import importlib
+
     from ssmq.bench.graphs import GraphDecoder, static_cache
     from ssmq.bench.models import DEFAULT_RECIPES, prepare_for_inference, random_fp_model, random_quantized_model
     from ssmq.bench.shapes import shape_config
     from ssmq.bench.timing import median_ms
-    from ssmq.ops.triton import common
 
+    target, values = args.ab_switch.split("=", 1)
+    module_name, attr = target.rsplit(".", 1)
+    module = importlib.import_module(module_name)
+    original = getattr(module, attr)
     cfg = shape_config(args.shape)
     recipe = args.profile_recipe or DEFAULT_RECIPES[cfg.arch]
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), device=device)
-    out: dict = {}
-    with torch.no_grad():
-        for label, build in (("fp16", lambda: random_fp_model(cfg, device)),
-                             (recipe, lambda: random_quantized_model(cfg, device, recipe, quantize_embedding=True,
-                                                                     quantize_lm_head=True))):
-            model = prepare_for_inference(build())
-            for use in (True, False, True):
-                common.USE_PDL = use
-                cache = static_cache(cfg.n_layer)
-                tok = model(ids, cache)[:, -1].argmax(-1, keepdim=True)
-                decoder = GraphDecoder(model, cache, tok)
-                ms = median_ms(lambda: [decoder.step() for _ in range(32)], device, repeats=5) / 32
-                out.setdefault(label, {}).setdefault("pdl" if use else "no pdl", []).append(round(ms, 4))
-                log(f"{label} PDL {use}: {ms:.3f} ms per token")
-    common.USE_PDL = True
+    out: dict = {"switch": target}
+    try:
+        with torch.no_grad():
+            for label, build in (("fp16", lambda: random_fp_model(cfg, device)),
+                                 (recipe, lambda: random_quantized_model(cfg, device, recipe, quantize_embedding=True,
+                                                                         quantize_lm_head=True))):
+                model = prepare_for_inference(build())
+                for text in values.split(","):
+                    setattr(module, attr, ast.literal_eval(text))
+                    cache = static_cache(cfg.n_layer)
+                    tok = model(ids, cache)[:, -1].argmax(-1, keepdim=True)
+                    decoder = GraphDecoder(model, cache, tok)
+                    ms = median_ms(lambda: [decoder.step() for _ in range(32)], device, repeats=5) / 32
+                    out.setdefault(label, {}).setdefault(text, []).append(round(ms, 4))
+                    log(f"{label} {attr}={text}: {ms:.3f} ms per token")
+    finally:
+        setattr(module, attr, original)
     return out
 
 
@@ -637,7 +646,7 @@ def print_bench(stage: str, b: dict | None) -> None:
 
 DEFAULT_STAGES = "checks,model,m2model,tune,bench,m2checks,m2time,profile,linear,bench_fp16_head"
 STAGE_COST_S = {"checks": 25, "model": 25, "m2model": 40, "tune": 30, "bench": 60, "bench_fp16_head": 30, "profile": 25,
-                "linear": 35, "scan": 20, "m2checks": 35, "m2time": 50, "pdl": 60}
+                "linear": 35, "scan": 20, "m2checks": 35, "m2time": 50, "ab": 60}
 """Expected seconds per stage on an H100 with the Triton cache carried (compiling adds ~1 s per kernel);
 a stage starts only when it should end within --budget-s."""
 
@@ -689,6 +698,8 @@ def main() -> None:
     p.add_argument("--no-transformers", action="store_true")
     p.add_argument("--profile-recipe", default=None,
                    help="the quantized model of the profile stage (default: quamba1 / quamba2-w8a8 by architecture)")
+    p.add_argument("--ab-switch", default="ssmq.ops.triton.common.USE_PDL=True,False,True",
+                   help="the ab stage's switch and values, MODULE.NAME=V1,V2,... (Python literals)")
     p.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, tiny shapes")
     args = p.parse_args()
     from ssmq.bench.shapes import shape_config
@@ -724,13 +735,13 @@ def main() -> None:
         "bench": lambda: bench(device, args),
         "bench_fp16_head": lambda: bench(device, args, int8_head=False, batches="1", transformers=False),
         "profile": lambda: profile(device, args),
-        "pdl": lambda: pdl_ab(device, args),
+        "ab": lambda: switch_ab(device, args),
         "linear": lambda: linear_micro(device, dims, args.sweep_linear),
         "m2checks": lambda: {"rows": mamba2_gpu.checks(Checks(device, dims), m2_mode, 0.4 * args.m2_budget_s)},
         "m2time": lambda: mamba2_gpu.timings(device, m2_mode, 0.6 * args.m2_budget_s, log),
     }
     for stage in stages:
-        if args.dry_run and stage in ("scan", "tune", "bench", "bench_fp16_head", "profile", "linear", "pdl"):
+        if args.dry_run and stage in ("scan", "tune", "bench", "bench_fp16_head", "profile", "linear", "ab"):
             continue
         if stage not in runners:
             log(f"--- stage {stage} unknown (stages: {', '.join(runners)})")

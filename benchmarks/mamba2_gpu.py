@@ -31,12 +31,21 @@ from ssmq.ops.int4 import pack_int4
 REAL = dict(d_model=2560, d_inner=5120, headdim=64, d_state=128, ngroups=1, L=2048, B=16)
 REAL_8B = dict(d_model=4096, d_inner=8192, headdim=64, d_state=128, ngroups=8)
 TINY = dict(d_model=128, d_inner=128, headdim=16, d_state=16, ngroups=2, L=40, B=2)
-# W4A8 GEMV alternatives timed at M = 1 beside the default: the byte kernel, and dp4a tiles (rows, groups, warps)
-W4A8_GEMV_CONFIGS = [dict(DP4A=0)] + [dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=w, UNROLL=u) for bn, bg, w, u in (
-    (8, 8, 4, 1), (16, 8, 4, 1), (16, 8, 4, 4), (8, 16, 8, 2), (16, 16, 8, 2), (16, 32, 8, 1), (32, 16, 8, 1))]
+# W4A8 GEMV alternatives timed at M = 1 beside the default: the byte kernel, and dp4a tiles (rows, groups,
+# warps, unrolled steps)
+W4A8_GEMV_CONFIGS = [dict(WORDS=0)] + [dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=w, UNROLL=u)
+                                       for bn, bg, w, u in (
+    (16, 8, 4, 1), (16, 16, 8, 1), (16, 16, 8, 2), (32, 8, 8, 1), (8, 16, 4, 1), (16, 4, 4, 2), (32, 16, 8, 1),
+    (16, 8, 4, 2), (8, 8, 4, 1), (32, 4, 4, 1), (16, 8, 8, 1), (64, 4, 8, 1))]
+# W4A16 GEMV (bytes) tiles: rows, groups, warps
+W4A16_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=w) for bn, bg, w in (
+    (4, 16, 4), (16, 8, 8), (16, 4, 4), (8, 4, 4))]
 # W4A16 dequantization (prefill) tiles: rows, packed bytes, warps
 DEQUANT_CONFIGS = [dict(BLOCK_N=bn, BLOCK_J=bj, num_warps=w) for bn, bj, w in (
     (32, 64, 4), (16, 128, 4), (8, 256, 4), (32, 128, 8), (64, 64, 8))]
+# conv1d decoding step tiles: channels per program, warps
+CONV_STEP_CONFIGS = [dict(BLOCK_C=bc, num_warps=w) for bc, w in ((256, 2), (128, 1), (128, 2), (512, 4), (1024, 4),
+                                                                 (64, 1), (512, 2))]
 STEP_CONFIGS = [dict(BLOCK_P=bp, num_warps=w) for bp, w in ((16, 2), (8, 1), (8, 2), (16, 4), (32, 4), (64, 4),
                                                               (64, 8), (32, 2))]
 SSD_CONFIGS = [dict(BLOCK_P=bp, T=t, num_warps=w, num_stages=st) for bp, t, w, st in (
@@ -255,9 +264,13 @@ def timings(device: torch.device, mode: str, budget_s: float, log: Callable[[str
                     lambda cfg=cfg: tw4.dequantize_w4a16(w4[next(it) % copies]["packed"], w4[0]["scale"],
                                                          torch.float16, cfg))
             for cfg in W4A8_GEMV_CONFIGS if m == 1 else ():
-                name = "w4a8 bytes" if cfg.get("DP4A") == 0 else "w4a8 " + ",".join(f"{v}" for v in cfg.values())
-                row(op, name, lambda cfg=cfg: tw4.w4a8_linear(xq, s, w4[next(it) % copies]["packed"], w4[0]["s_c"],
-                                                              w4[0]["g"], out_dtype=torch.float16, config=cfg))
+                row(op, _variant("w4a8", cfg),
+                    lambda cfg=cfg: tw4.w4a8_linear(xq, s, w4[next(it) % copies]["packed"], w4[0]["s_c"], w4[0]["g"],
+                                                    out_dtype=torch.float16, config=cfg))
+            for cfg in W4A16_GEMV_CONFIGS if m == 1 else ():
+                row(op, _variant("w4a16", cfg),
+                    lambda cfg=cfg: tw4.w4a16_linear(x16, w4[next(it) % copies]["packed"], w4[0]["scale"],
+                                                     config=cfg))
             if m == 1 and not label.endswith("lm_head"):
                 step_ops.setdefault(_size(dims), {})[label.split()[-1]] = times
     # SSD scan prefill: a small tile sweep for each of fp16 and int8, then the two side by side, each with
@@ -289,6 +302,10 @@ def timings(device: torch.device, mode: str, budget_s: float, log: Callable[[str
     return out
 
 
+def _variant(kind: str, cfg: dict[str, int]) -> str:
+    return f"{kind} bytes" if cfg.get("WORDS") == 0 else f"{kind} " + ",".join(f"{v}" for v in cfg.values())
+
+
 def _size(d: dict[str, int]) -> str:
     return f"d_model {d['d_model']}"
 
@@ -297,6 +314,7 @@ def _step_ops(d: dict[str, int], device: torch.device, gen: torch.Generator, row
               ) -> dict[str, dict[str, float | None]]:
     """The times of a Mamba2 layer's decoding ops other than its projections, batch 1, at dims `d` (and
     of some alternative tiles of the SSD step and the gated norm)."""
+    from ssmq.ops.triton import conv as tconv
     from ssmq.ops.triton import hadamard as thad
     from ssmq.ops.triton import norm as tnorm
     from ssmq.ops.triton import ssd as tssd
@@ -320,10 +338,18 @@ def _step_ops(d: dict[str, int], device: torch.device, gen: torch.Generator, row
         -127, 128, (cdim, 4), device=device, dtype=torch.int8)
     cqstate = dispatch.mark_static_state(torch.zeros(1, 3, cdim, device=device, dtype=torch.int8))
     op = f"{size}: conv1d + SiLU step, batch 1"
+    ch_s = [torch.rand(cdim, device=device, generator=gen) * 0.01 + 1e-3 for _ in range(3)]  # as the models:
+    bias = torch.randn(cdim, device=device, generator=gen)  # per-channel x, weight and output scales, a bias
     ops["conv step"] = {
         "fp16": row(op, "fp16", lambda: dispatch.causal_conv1d_silu(xc, wc, None, cstate)),
-        "int8": row(op, "int8", lambda: dispatch.int8_causal_conv1d_silu(xcq, s, wcq, s, None, s, cqstate)),
+        "int8": row(op, "int8", lambda: dispatch.int8_causal_conv1d_silu(xcq, ch_s[0], wcq, ch_s[1], bias, ch_s[2],
+                                                                         cqstate)),
     }
+    for cfg in CONV_STEP_CONFIGS:
+        row(op, f"fp16 {cfg}", lambda cfg=cfg: tconv.conv1d(xc, wc, None, cstate, tconv.OUT_SILU, inplace=True,
+                                                            config=cfg))
+        row(op, f"int8 {cfg}", lambda cfg=cfg: tconv.conv1d(xcq, wcq, bias, cqstate, tconv.OUT_Q8, *ch_s,
+                                                            inplace=True, config=cfg))
     y, z = (torch.randn(1, 1, d["d_inner"], device=device).half() for _ in range(2))
     nw = torch.rand(d["d_inner"], device=device).half() + 0.5
     group = d["d_inner"] // d["ngroups"]
@@ -342,10 +368,19 @@ def _step_ops(d: dict[str, int], device: torch.device, gen: torch.Generator, row
                                                 lambda: dispatch.hadamard_quantize(y, s))}
     zq, nw32 = torch.randint(-127, 128, (1, 1, d["d_inner"]), device=device, dtype=torch.int8), nw.float()
     op = f"{size}: gated norm (int8 z) + Hadamard + quantize, batch 1"
-    row(op, "int8 fused", lambda: dispatch.gated_norm_hadamard_quantize(y, zq, s, nw32, 1e-5, group, s))
-    for cfg in ({"PB": 16, "num_warps": 4}, {"PB": 32, "num_warps": 8}, {"PB": 32, "num_warps": 4},
-                {"PB": 64, "num_warps": 8}):
-        row(op, f"int8 fused {cfg}", lambda cfg=cfg: thad.gated_norm_hadamard(y, zq, nw32, 1e-5, group, s, s, cfg))
+    row(op, "int8 (dispatch: two kernels)", lambda: dispatch.gated_norm_hadamard_quantize(y, zq, s, nw32, 1e-5,
+                                                                                         group, s))
+
+    def fused(cfg: dict[str, int] | None) -> torch.Tensor:
+        """The fused kernel at a decoding size, which it declines by default (FUSED_NORM_MIN_ROWS)."""
+        default, thad.FUSED_NORM_MIN_ROWS = thad.FUSED_NORM_MIN_ROWS, 1
+        try:
+            return thad.gated_norm_hadamard(y, zq, nw32, 1e-5, group, s, s, cfg)
+        finally:
+            thad.FUSED_NORM_MIN_ROWS = default
+
+    for cfg in (None, {"PB": 32, "num_warps": 8}):
+        row(op, f"int8 fused {cfg or 'default tiles'}", lambda cfg=cfg: fused(cfg))
     return ops
 
 
