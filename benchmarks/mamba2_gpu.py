@@ -368,11 +368,13 @@ def _step_ops(d: dict[str, int], device: torch.device, gen: torch.Generator, row
                                                 lambda: dispatch.hadamard_quantize(y, s))}
     zq, nw32 = torch.randint(-127, 128, (1, 1, d["d_inner"]), device=device, dtype=torch.int8), nw.float()
     op = f"{size}: gated norm (int8 z) + Hadamard + quantize, batch 1"
-    row(op, "int8 (dispatch: two kernels)", lambda: dispatch.gated_norm_hadamard_quantize(y, zq, s, nw32, 1e-5,
-                                                                                         group, s))
+    row(op, "int8 (dispatch's choice)", lambda: dispatch.gated_norm_hadamard_quantize(y, zq, s, nw32, 1e-5,
+                                                                                      group, s))
+    row(op, "int8 two kernels", lambda: dispatch.hadamard_quantize(
+        dispatch.dequant_gated_rms_norm(y, zq, s, nw32, 1e-5, group), s))
 
     def fused(cfg: dict[str, int] | None) -> torch.Tensor:
-        """The fused kernel at a decoding size, which it declines by default (FUSED_NORM_MIN_ROWS)."""
+        """The fused kernel at a decoding size, which it may decline by default (FUSED_NORM_MIN_ROWS)."""
         default, thad.FUSED_NORM_MIN_ROWS = thad.FUSED_NORM_MIN_ROWS, 1
         try:
             return thad.gated_norm_hadamard(y, zq, nw32, 1e-5, group, s, s, cfg)

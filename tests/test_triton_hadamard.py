@@ -72,9 +72,10 @@ def test_gated_norm_hadamard_quantize_matches_the_two_ops(n, group, rows, gate_q
     assert out.dtype == torch.int8 and agreement(out, quantize(rotated, scale)).ok
 
 
-def test_gated_norm_hadamard_declines_decoding_rows():
-    """Below FUSED_NORM_MIN_ROWS the fused kernel returns None and the dispatch runs the norm's and the
-    rotation's kernels, with the same result as the fused kernel."""
+def test_gated_norm_hadamard_declines_decoding_rows_of_several_groups():
+    """Below FUSED_NORM_MIN_ROWS a row of several norm groups is declined (None), and the dispatch runs the
+    norm's and the rotation's kernels, with the same result as the fused kernel; a row of one group is
+    still fused."""
     from ssmq.ops import dispatch
 
     gen = torch.Generator().manual_seed(4)
@@ -87,6 +88,7 @@ def test_gated_norm_hadamard_declines_decoding_rows():
         mp.setattr(th, "FUSED_NORM_MIN_ROWS", 1)
         fused = th.gated_norm_hadamard(y, gate, w, 1e-5, 96, gs, torch.tensor(scale))
     assert agreement(apart, fused).ok
+    assert th.gated_norm_hadamard(y, gate, w, 1e-5, 768, gs, torch.tensor(scale)) is not None
 
 
 def test_gated_norm_hadamard_refuses_groups_across_tile_rows():

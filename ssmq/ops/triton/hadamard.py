@@ -14,8 +14,8 @@ summation order differ from the reference's butterfly, so results agree to fp32 
 Mamba2's path into out_proj (gated_norm_hadamard) can run its gated RMSNorm in the same kernel: each
 program loads the whole row of the scan output y and the gate z, normalises it group by group (a group is
 a power of two of whole tile rows) and rotates the result, instead of the norm kernel writing the row out
-for this one to read back. That pays for many rows (prefill); a decoding step's few rows take the two
-kernels (FUSED_NORM_MIN_ROWS).
+for this one to read back. That pays for many rows (prefill) and for a row of one norm group; a decoding
+step's few rows of several groups take the two kernels (FUSED_NORM_MIN_ROWS).
 """
 
 from __future__ import annotations
@@ -34,9 +34,13 @@ MAX_P = 128
 _FLOATS = (torch.float16, torch.float32)
 SPLIT_ROWS = 64  # up to this many rows (decoding), each row is split over P / 16 programs
 FUSED_NORM_MIN_ROWS = SPLIT_ROWS + 1
-"""gated_norm_hadamard fuses the norm from this many rows on; with fewer (decoding), the norm kernel and the
-rotation kernel apart are faster: gpu_check m2time, mamba2-8b at batch 1 on an H200, 6.8 us fused against
-1.0 + 2.6 us (the fused kernel's programs each normalise the whole row before their share of the rotation)."""
+FUSED_NORM_MAX_GROUPS = 1
+"""gated_norm_hadamard fuses the norm from FUSED_NORM_MIN_ROWS rows on (prefill), and for fewer rows
+(decoding) only when a row has at most FUSED_NORM_MAX_GROUPS norm groups. gpu_check m2time on an H200, batch
+1, norm + rotation + quantization: mamba2-8b (8 groups) 6.7 us fused against 4.8 us for the norm kernel
+and the rotation kernel (the fused kernel's programs each normalise the whole row before their share of
+the rotation, while the norm kernel runs a program per group); mamba2-2.7b (one group of 5120, which the
+norm kernel normalises in a single program) 6.8 us fused against 7.5 us apart."""
 
 
 @triton.jit
@@ -130,13 +134,15 @@ def gated_norm_hadamard(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tenso
     path into out_proj): the norm as ssmq.ops.triton.norm.gated_rms_norm computes it (int8 gate codes
     with `gate_scale`), in the weight's dtype, then the rotation of that value. None when the shapes or
     layouts are ones the kernel does not take: a group must be whole rows of the rotation's (P, |B'|)
-    tile, a power of two of them; and None for fewer than FUSED_NORM_MIN_ROWS rows, where the norm's and
-    the rotation's own kernels are faster. `config` overrides the output rows per program (PB) and
-    num_warps."""
+    tile, a power of two of them; and None for decoding's few rows of several groups, where the norm's and
+    the rotation's own kernels are faster (FUSED_NORM_MIN_ROWS). `config` overrides the output rows per
+    program (PB) and num_warps."""
     n = y.shape[-1]
     split = factors(n)
-    if (split is None or y.numel() // n < FUSED_NORM_MIN_ROWS or gate.shape != y.shape or weight.shape != (n,) or weight.dtype not in _FLOATS
+    if (split is None or gate.shape != y.shape or weight.shape != (n,) or weight.dtype not in _FLOATS
             or group_size < 1 or n % group_size or group_size % split[1]):
+        return None
+    if y.numel() // n < FUSED_NORM_MIN_ROWS and n // group_size > FUSED_NORM_MAX_GROUPS:
         return None
     rows_per_group = group_size // split[1]
     gs_mode = PER_TENSOR if gate_scale is None else scale_mode(gate_scale, gate.shape)
