@@ -17,8 +17,9 @@ fp32 products for fp32 x) but by default dequantizes the weights to x's dtype an
 Decoding (a few rows) is a GEMV that streams several groups of several weight rows per step on the CUDA
 cores. W4A8 decoding reads the weights as int32 words of eight codes and multiplies them with dp4a: the
 low nibbles of a word, XOR 8, are four unsigned bytes code + 8 (columns 8q, 8q+2, 8q+4, 8q+6), the high
-nibbles the odd columns, and x's words are regrouped into its even and odd bytes to match; each group's
-sum is then dot(code + 8, x) - 8 * sum(x), still exact in int32. The W4A8 epilogue is the W8A8 one
+nibbles the odd columns, and x's words are regrouped into its even and odd bytes to match; each word's
+sum is then dot(code + 8, x) - 8 * sum(x), which times its group's scale is accumulated element-wise and
+summed once at the end, still exact in int32. The W4A8 epilogue is the W8A8 one
 (ssmq.ops.triton.linear), run without fp contraction, so int8 outputs are bit-identical to the reference.
 """
 
