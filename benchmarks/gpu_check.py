@@ -544,9 +544,14 @@ def switch_ab(device: torch.device, args: argparse.Namespace) -> dict:
     from ssmq.bench.shapes import shape_config
     from ssmq.bench.timing import median_ms
 
-    target, values = args.ab_switch.split("=", 1)
-    module_name, attr = target.rsplit(".", 1)
+    target, _, values = args.ab_switch.partition("=")
+    module_name, _, attr = target.rpartition(".")
+    if not (module_name and attr and values):
+        raise ValueError(f"--ab-switch {args.ab_switch!r}: expected MODULE.NAME=V1,V2,...")
     module = importlib.import_module(module_name)
+    if not hasattr(module, attr):
+        raise ValueError(f"--ab-switch: module {module_name} has no {attr}")
+    settings = [ast.literal_eval(text) for text in values.split(",")]  # a typo fails before any model is built
     original = getattr(module, attr)
     cfg = shape_config(args.shape)
     recipe = args.profile_recipe or DEFAULT_RECIPES[cfg.arch]
@@ -558,8 +563,8 @@ def switch_ab(device: torch.device, args: argparse.Namespace) -> dict:
                                  (recipe, lambda: random_quantized_model(cfg, device, recipe, quantize_embedding=True,
                                                                          quantize_lm_head=True))):
                 model = prepare_for_inference(build())
-                for text in values.split(","):
-                    setattr(module, attr, ast.literal_eval(text))
+                for text, value in zip(values.split(","), settings):
+                    setattr(module, attr, value)
                     cache = static_cache(cfg.n_layer)
                     tok = model(ids, cache)[:, -1].argmax(-1, keepdim=True)
                     decoder = GraphDecoder(model, cache, tok)
