@@ -15,7 +15,7 @@ Mamba2's path into out_proj (gated_norm_hadamard) can run its gated RMSNorm in t
 program loads the whole row of the scan output y and the gate z, normalises it group by group (a group is
 a power of two of whole tile rows) and rotates the result, instead of the norm kernel writing the row out
 for this one to read back. That pays for many rows (prefill) and for a row of one norm group; a decoding
-step's few rows of several groups take the two kernels (FUSED_NORM_MIN_ROWS).
+step's few rows of several groups take the two kernels (FUSED_NORM_MIN_ROWS, FUSED_NORM_MAX_GROUPS).
 """
 
 from __future__ import annotations
@@ -130,13 +130,13 @@ def hadamard(x: torch.Tensor, out_scale: torch.Tensor | None = None) -> torch.Te
 def gated_norm_hadamard(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, eps: float, group_size: int,
                         gate_scale: torch.Tensor | None, out_scale: torch.Tensor,
                         config: dict[str, int] | None = None) -> torch.Tensor | None:
-    """int8 codes of H_n gated_rms_norm(y, gate, weight) for out_scale, in one kernel (Mamba2's decoding
-    path into out_proj): the norm as ssmq.ops.triton.norm.gated_rms_norm computes it (int8 gate codes
-    with `gate_scale`), in the weight's dtype, then the rotation of that value. None when the shapes or
-    layouts are ones the kernel does not take: a group must be whole rows of the rotation's (P, |B'|)
-    tile, a power of two of them; and None for decoding's few rows of several groups, where the norm's and
-    the rotation's own kernels are faster (FUSED_NORM_MIN_ROWS). `config` overrides the output rows per
-    program (PB) and num_warps."""
+    """int8 codes of H_n gated_rms_norm(y, gate, weight) for out_scale, in one kernel (Mamba2's path into
+    out_proj): the norm as ssmq.ops.triton.norm.gated_rms_norm computes it (int8 gate codes with
+    `gate_scale`), in the weight's dtype, then the rotation of that value. None when the shapes or layouts
+    are ones the kernel does not take: a group must be whole rows of the rotation's (P, |B'|) tile, a
+    power of two of them; and None for decoding's few rows of several groups, where the norm's and the
+    rotation's own kernels are faster (FUSED_NORM_MIN_ROWS, FUSED_NORM_MAX_GROUPS). `config` overrides the
+    output rows per program (PB) and num_warps."""
     n = y.shape[-1]
     split = factors(n)
     if (split is None or gate.shape != y.shape or weight.shape != (n,) or weight.dtype not in _FLOATS
