@@ -32,11 +32,11 @@ REAL = dict(d_model=2560, d_inner=5120, headdim=64, d_state=128, ngroups=1, L=20
 REAL_8B = dict(d_model=4096, d_inner=8192, headdim=64, d_state=128, ngroups=8)
 TINY = dict(d_model=128, d_inner=128, headdim=16, d_state=16, ngroups=2, L=40, B=2)
 # W4A8 GEMV alternatives timed at M = 1 beside the default: the byte kernel, and dp4a tiles (rows, groups,
-# warps, unrolled steps)
-W4A8_GEMV_CONFIGS = [dict(WORDS=0)] + [dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=w, UNROLL=u)
-                                       for bn, bg, w, u in (
-    (16, 8, 4, 1), (16, 16, 8, 1), (16, 16, 8, 2), (32, 8, 8, 1), (8, 16, 4, 1), (16, 4, 4, 2), (32, 16, 8, 1),
-    (16, 8, 4, 2), (8, 8, 4, 1), (32, 4, 4, 1), (16, 8, 8, 1), (64, 4, 8, 1))]
+# warps, unrolled steps, X_TILE)
+W4A8_GEMV_CONFIGS = [dict(WORDS=0)] + [dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=w, UNROLL=u, X_TILE=xt)
+                                       for bn, bg, w, u, xt in (
+    (16, 8, 4, 1, 0), (16, 8, 4, 1, 1), (16, 16, 8, 1, 0), (16, 16, 8, 1, 1), (8, 8, 4, 1, 0), (8, 8, 4, 1, 1),
+    (16, 4, 4, 1, 1), (8, 16, 4, 1, 1), (32, 8, 8, 1, 1), (16, 8, 4, 2, 1))]
 # W4A16 GEMV (bytes) tiles: rows, groups, warps
 W4A16_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=w) for bn, bg, w in (
     (4, 16, 4), (16, 8, 8), (16, 4, 4), (8, 4, 4))]
@@ -108,7 +108,10 @@ class _Ssd:
 
 
 def checks(ck, mode: str, budget_s: float) -> list[dict]:
-    """Kernel-vs-reference cases for the new kernels through ssmq.ops.dispatch (`ck` is gpu_check's Checks)."""
+    """Kernel-vs-reference cases for the new kernels through ssmq.ops.dispatch (`ck` is gpu_check's Checks),
+    and for the W4A8 GEMV's X_TILE alternative directly."""
+    from ssmq.ops.triton import w4 as tw4
+
     d = TINY if mode == "dry" else REAL
     dev, gen = ck.dev, ck.gen
     deadline = time.time() + (budget_s if mode == "gpu" else float("inf"))
@@ -180,6 +183,13 @@ def checks(ck, mode: str, budget_s: float) -> list[dict]:
                               xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_),
                           lambda xq=xq, xs=xs, w=w, bias=bias, os_=out_scale: int4_linear.w4a8_linear(
                               xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_)))
+            if m == 1:  # the GEMV's X_TILE alternative (off by default until timed)
+                cases.append((f"w4a8_linear {label} -> {out_kind}, X_TILE", f"M={m} N={nout} K={k}",
+                              lambda xq=xq, xs=xs, w=w, bias=bias, os_=out_scale: tw4.w4a8_linear(
+                                  xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_,
+                                  config={"X_TILE": 1}),
+                              lambda xq=xq, xs=xs, w=w, bias=bias, os_=out_scale: int4_linear.w4a8_linear(
+                                  xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_)))
     for name, shp, kernel, reference in cases:
         if mode == "compile":
             kernel()

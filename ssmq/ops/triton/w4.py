@@ -25,6 +25,8 @@ summed once at the end, still exact in int32. The W4A8 epilogue is the W8A8 one
 
 from __future__ import annotations
 
+import os
+
 import torch
 import triton
 import triton.language as tl
@@ -152,6 +154,29 @@ def _even_odd_bytes(xa, xb):
     return even, odd
 
 
+if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter runs no inline PTX: the same bytes, by shifts
+    @triton.jit
+    def _codes_x16(w):
+        """16 * the signed codes of int32 words of eight (see _w4a8_gemv_dp4a_kernel's X_TILE) as two words
+        of int8 lanes: columns 8q..8q+3, then 8q+4..8q+7 (each code's nibble moved to the top of a byte)."""
+        u = w << 4
+        top = -252645136  # 0xF0F0F0F0 as an int32
+        lo = (u & 0xFF) | ((w & 0xFF) << 8) | ((u & 0xFF00) << 8) | ((w & 0xFF00) << 16)
+        hi = ((u >> 16) & 0xFF) | (((w >> 16) & 0xFF) << 8) | (((u >> 24) & 0xFF) << 16) | (((w >> 24) & 0xFF) << 24)
+        return lo & top, hi & top
+else:
+    @triton.jit
+    def _codes_x16(w):
+        """16 * the signed codes of int32 words of eight (see _w4a8_gemv_dp4a_kernel's X_TILE) as two words
+        of int8 lanes: columns 8q..8q+3, then 8q+4..8q+7: with u = w << 4, byte j of a code pair lies at
+        the top of u's byte j (low nibble) and of w's (high nibble), and one byte permute each interleaves
+        them."""
+        return tl.inline_asm_elementwise(
+            "{ .reg .b32 u; shl.b32 u, $2, 4; prmt.b32 $0, u, $2, 0x5140; prmt.b32 $1, u, $2, 0x7362; "
+            "and.b32 $0, $0, 0xF0F0F0F0; and.b32 $1, $1, 0xF0F0F0F0; }",
+            "=r,=r,r", [w], dtype=(tl.int32, tl.int32), is_pure=True, pack=1)
+
+
 @triton.jit
 def _prefetch_l2(ptrs):
     """Ask for the 128-byte lines at `ptrs` to be brought into L2 (no value, no effect on results)."""
@@ -165,14 +190,20 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
                            XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                            OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, FULL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HW: tl.constexpr, UNROLL: tl.constexpr,
-                           LINES: tl.constexpr, PDL: tl.constexpr):
+                           LINES: tl.constexpr, X_TILE: tl.constexpr, PDL: tl.constexpr):
     """The W4A8 GEMV on int32 words (see the module docstring): HALF bytes, so HALF / 4 words, per group (HW
     their power-of-two cover); K, the row strides and the pointers are multiples of 4 bytes (the launcher
     checks). Each word's exact sum times its group's scale is accumulated element-wise, as the W8A8 dp4a
     GEMV does, and reduced once at the end: no cross-thread sum per step (int32 sums are exact in any order).
     The group count and size are compile-time constants, so that the word loads vectorize and UNROLL steps
     of the loop over K issue their loads together. With PDL the program's weight rows (LINES
-    128-byte lines each, a power-of-two cover) are prefetched into L2 while the kernel before finishes."""
+    128-byte lines each, a power-of-two cover) are prefetched into L2 while the kernel before finishes.
+
+    X_TILE (an alternative, off by default until timed): x is read as 8-byte words and the group scales
+    per word, both in the weight tile's layout, so that no value crosses threads through shared memory
+    in the loop (the default's x-side values do: 8 barriers per step in its sm_90 PTX, 2 with X_TILE);
+    the codes' bytes are regrouped instead of x's (_codes_x16: 16 * code as int8 lanes in column order),
+    so dp4a takes x's words as they are and no x sums are needed: (16 * sum) >> 4 is exact."""
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if PDL:
@@ -187,21 +218,32 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
     WG: tl.constexpr = HALF // 4
     shape: tl.constexpr = (BLOCK_N, BLOCK_G, HW)
     acc = tl.zeros(shape, dtype=tl.int32)
+    rows0 = tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32)
     for g0 in tl.range(0, NG, BLOCK_G, loop_unroll_factor=UNROLL):
         grp = g0 + gi
         gmask = grp < NG
         kw = grp[:, None] * WG + q[None, :]  # (groups, words): word index in the packed row
         kmask = gmask[:, None] if FULL else gmask[:, None] & (q < WG)[None, :]
-        xa = tl.load(x_row + 2 * kw, mask=kmask, other=0)
-        xb = tl.load(x_row + 2 * kw + 1, mask=kmask, other=0)
-        xe, xo = _even_odd_bytes(xa, xb)
-        ones = tl.full(xa.shape, 0x01010101, tl.int32)
-        xsum8 = 8 * _dp4a(xb, ones, _dp4a(xa, ones, tl.zeros(xa.shape, tl.int32)))  # 8 * the word's x sum
         w = tl.load(w_rows + kw[None, :, :], mask=kmask[None, :, :], other=0)
-        g = tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0).to(tl.int32)
-        d = _dp4a((w & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xe[None, :, :], shape), tl.zeros(shape, tl.int32))
-        d = _dp4a(((w >> 4) & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xo[None, :, :], shape), d)
-        acc += (d - xsum8[None, :, :]) * g[:, :, None]  # each word's exact sum, times its group's scale
+        if X_TILE:
+            kw3 = kw[None, :, :] + rows0  # x's 8-byte words and the group scales, broadcast over the rows
+            m3 = kmask[None, :, :] & (rows0 == 0)
+            x8 = tl.load(x_row.to(tl.pointer_type(tl.int64)) + kw3, mask=m3, other=0)
+            g = tl.load(g_rows[:, :, None] + grp[None, :, None] + 0 * kw3, mask=m3, other=0).to(tl.int32)
+            lo, hi = _codes_x16(w)
+            d = _dp4a(hi, (x8 >> 32).to(tl.int32), _dp4a(lo, x8.to(tl.int32), tl.zeros(shape, tl.int32)))
+            acc += (d >> 4) * g  # d is 16 times the word's exact sum
+        else:
+            xa = tl.load(x_row + 2 * kw, mask=kmask, other=0)
+            xb = tl.load(x_row + 2 * kw + 1, mask=kmask, other=0)
+            xe, xo = _even_odd_bytes(xa, xb)
+            ones = tl.full(xa.shape, 0x01010101, tl.int32)
+            xsum8 = 8 * _dp4a(xb, ones, _dp4a(xa, ones, tl.zeros(xa.shape, tl.int32)))  # 8 * the word's x sum
+            g = tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0).to(tl.int32)
+            d = _dp4a((w & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xe[None, :, :], shape),
+                      tl.zeros(shape, tl.int32))
+            d = _dp4a(((w >> 4) & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xo[None, :, :], shape), d)
+            acc += (d - xsum8[None, :, :]) * g[:, :, None]  # each word's exact sum, times its group's scale
     let_next_start(PDL)
     _epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), m, rn, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr,
               XS_MODE, WS_MODE, HAS_BIAS, OUT_INT8, OS_MODE)
@@ -265,12 +307,12 @@ def _dp4a_config(n: int, n_groups: int) -> dict[str, int]:
     mamba2-2.7b and -8b projections and the 8b lm_head): 16 weight rows by 8 groups per step and 4 warps
     for wide layers (N >= 8192: in_proj, lm_head; 8b in_proj 17.0 us); for narrow ones (out_proj, with its
     long rows) 16 rows by 16 groups and 8 warps from N = 4096 (8b: 8.7 us against 11.8 us), 8 rows by 8
-    groups below (2.7b: 4.4 us against 5.6 us)."""
+    groups below (2.7b: 4.4 us against 5.6 us). X_TILE stays off until a GPU run times it."""
     if n >= 8192:
-        return dict(BLOCK_N=16, BLOCK_G=min(8, next_pow2(n_groups)), num_warps=4, UNROLL=1)
+        return dict(BLOCK_N=16, BLOCK_G=min(8, next_pow2(n_groups)), num_warps=4, UNROLL=1, X_TILE=0)
     if n >= 4096:
-        return dict(BLOCK_N=16, BLOCK_G=min(16, next_pow2(n_groups)), num_warps=8, UNROLL=1)
-    return dict(BLOCK_N=8, BLOCK_G=min(8, next_pow2(n_groups)), num_warps=4, UNROLL=1)
+        return dict(BLOCK_N=16, BLOCK_G=min(16, next_pow2(n_groups)), num_warps=8, UNROLL=1, X_TILE=0)
+    return dict(BLOCK_N=8, BLOCK_G=min(8, next_pow2(n_groups)), num_warps=4, UNROLL=1, X_TILE=0)
 
 
 def _words_ready(x2: torch.Tensor, w_packed: torch.Tensor, n_groups: int) -> bool:
@@ -299,6 +341,8 @@ def _launch(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor,
     if m <= GEMV_MAX_ROWS and a8 and words and _words_ready(x2, w_packed, n_groups):
         hw = max(2, next_pow2(half // 4))
         cfg = {**_dp4a_config(n, n_groups), **pdl_options(x2.device), **cfg}
+        if x2.data_ptr() % 8 or x2.stride(0) % 8:  # X_TILE reads x as 8-byte words
+            cfg["X_TILE"] = 0
         _w4a8_gemv_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](
             *args, **flags, FULL=hw == half // 4, HW=hw, LINES=next_pow2(triton.cdiv(n_groups * half, 128)), **cfg)
         return
