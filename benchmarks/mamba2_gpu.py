@@ -35,8 +35,9 @@ TINY = dict(d_model=128, d_inner=128, headdim=16, d_state=16, ngroups=2, L=40, B
 # warps, unrolled steps, X_TILE)
 W4A8_GEMV_CONFIGS = [dict(WORDS=0)] + [dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=w, UNROLL=u, X_TILE=xt)
                                        for bn, bg, w, u, xt in (
-    (16, 8, 4, 1, 0), (16, 8, 4, 1, 1), (16, 16, 8, 1, 0), (16, 16, 8, 1, 1), (8, 8, 4, 1, 0), (8, 8, 4, 1, 1),
-    (16, 4, 4, 1, 1), (8, 16, 4, 1, 1), (32, 8, 8, 1, 1), (16, 8, 4, 2, 1))]
+    (16, 8, 4, 1, 0), (16, 16, 8, 1, 0), (8, 8, 4, 1, 0),
+    (16, 8, 4, 1, 1), (16, 16, 8, 1, 1), (8, 8, 4, 1, 1), (16, 4, 4, 1, 1),
+    (16, 8, 4, 1, 2), (16, 16, 8, 1, 2), (8, 8, 4, 1, 2), (32, 8, 4, 1, 2), (32, 16, 8, 1, 2), (16, 8, 4, 2, 2))]
 # W4A16 GEMV (bytes) tiles: rows, groups, warps
 W4A16_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=w) for bn, bg, w in (
     (4, 16, 4), (16, 8, 8), (16, 4, 4), (8, 4, 4))]
@@ -183,11 +184,11 @@ def checks(ck, mode: str, budget_s: float) -> list[dict]:
                               xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_),
                           lambda xq=xq, xs=xs, w=w, bias=bias, os_=out_scale: int4_linear.w4a8_linear(
                               xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_)))
-            if m == 1:  # the GEMV's X_TILE alternative (off by default until timed)
-                cases.append((f"w4a8_linear {label} -> {out_kind}, X_TILE", f"M={m} N={nout} K={k}",
-                              lambda xq=xq, xs=xs, w=w, bias=bias, os_=out_scale: tw4.w4a8_linear(
+            for x_tile in (1, 2) if m == 1 else ():  # the GEMV's X_TILE alternatives (off until timed)
+                cases.append((f"w4a8_linear {label} -> {out_kind}, X_TILE {x_tile}", f"M={m} N={nout} K={k}",
+                              lambda xq=xq, xs=xs, w=w, bias=bias, os_=out_scale, xt=x_tile: tw4.w4a8_linear(
                                   xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_,
-                                  config={"X_TILE": 1}),
+                                  config={"X_TILE": xt}),
                               lambda xq=xq, xs=xs, w=w, bias=bias, os_=out_scale: int4_linear.w4a8_linear(
                                   xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_)))
     for name, shp, kernel, reference in cases:

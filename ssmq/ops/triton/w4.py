@@ -199,11 +199,12 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
     of the loop over K issue their loads together. With PDL the program's weight rows (LINES
     128-byte lines each, a power-of-two cover) are prefetched into L2 while the kernel before finishes.
 
-    X_TILE (an alternative, off by default until timed): x is read as 8-byte words and the group scales
-    per word, both in the weight tile's layout, so that no value crosses threads through shared memory
-    in the loop (the default's x-side values do: 8 barriers per step in its sm_90 PTX, 2 with X_TILE);
-    the codes' bytes are regrouped instead of x's (_codes_x16: 16 * code as int8 lanes in column order),
-    so dp4a takes x's words as they are and no x sums are needed: (16 * sum) >> 4 is exact."""
+    X_TILE 1 and 2 (alternatives, off by default until timed): x is read as 8-byte words in the weight
+    tile's layout, so that x's values do not cross threads through shared memory in the loop (the
+    default's do: 8 barriers per step in its sm_90 PTX, 2 with X_TILE), and the codes' bytes are regrouped
+    instead of x's (_codes_x16: 16 * code as int8 lanes in column order), so dp4a takes x's words as they
+    are and no x sums are needed: (16 * sum) >> 4 is exact. X_TILE 1 multiplies each word's sum by its
+    group's scale read per word (82 registers); X_TILE 2 sums each group first, then scales it (36)."""
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if PDL:
@@ -219,6 +220,7 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
     shape: tl.constexpr = (BLOCK_N, BLOCK_G, HW)
     acc = tl.zeros(shape, dtype=tl.int32)
     rows0 = tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32)
+    acc_g = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.int32)
     for g0 in tl.range(0, NG, BLOCK_G, loop_unroll_factor=UNROLL):
         grp = g0 + gi
         gmask = grp < NG
@@ -229,10 +231,12 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
             kw3 = kw[None, :, :] + rows0  # x's 8-byte words and the group scales, broadcast over the rows
             m3 = kmask[None, :, :] & (rows0 == 0)
             x8 = tl.load(x_row.to(tl.pointer_type(tl.int64)) + kw3, mask=m3, other=0)
-            g = tl.load(g_rows[:, :, None] + grp[None, :, None] + 0 * kw3, mask=m3, other=0).to(tl.int32)
             lo, hi = _codes_x16(w)
-            d = _dp4a(hi, (x8 >> 32).to(tl.int32), _dp4a(lo, x8.to(tl.int32), tl.zeros(shape, tl.int32)))
-            acc += (d >> 4) * g  # d is 16 times the word's exact sum
+            d = _dp4a(hi, (x8 >> 32).to(tl.int32), _dp4a(lo, x8.to(tl.int32), tl.zeros(shape, tl.int32))) >> 4
+            if X_TILE == 1:  # d was 16 times the word's exact sum; the group scale per word, element-wise
+                acc += d * tl.load(g_rows[:, :, None] + grp[None, :, None] + 0 * kw3, mask=m3, other=0).to(tl.int32)
+            else:  # X_TILE 2: each group's sum first, then its scale (fewer registers, a sum per step)
+                acc_g += tl.sum(d, axis=2) * tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0).to(tl.int32)
         else:
             xa = tl.load(x_row + 2 * kw, mask=kmask, other=0)
             xb = tl.load(x_row + 2 * kw + 1, mask=kmask, other=0)
@@ -245,7 +249,7 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
             d = _dp4a(((w >> 4) & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xo[None, :, :], shape), d)
             acc += (d - xsum8[None, :, :]) * g[:, :, None]  # each word's exact sum, times its group's scale
     let_next_start(PDL)
-    _epilogue(tl.sum(tl.sum(acc, axis=2), axis=1), m, rn, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr,
+    _epilogue(tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(acc_g, axis=1), m, rn, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr,
               XS_MODE, WS_MODE, HAS_BIAS, OUT_INT8, OS_MODE)
 
 
