@@ -226,31 +226,38 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
         gmask = grp < NG
         kw = grp[:, None] * WG + q[None, :]  # (groups, words): word index in the packed row
         kmask = gmask[:, None] if FULL else gmask[:, None] & (q < WG)[None, :]
-        w = tl.load(w_rows + kw[None, :, :], mask=kmask[None, :, :], other=0)
         if X_TILE:
+            w = tl.load(w_rows + kw[None, :, :], mask=kmask[None, :, :], other=0)
             kw3 = kw[None, :, :] + rows0  # x's 8-byte words and the group scales, broadcast over the rows
             m3 = kmask[None, :, :] & (rows0 == 0)
             x8 = tl.load(x_row.to(tl.pointer_type(tl.int64)) + kw3, mask=m3, other=0)
             lo, hi = _codes_x16(w)
             d = _dp4a(hi, (x8 >> 32).to(tl.int32), _dp4a(lo, x8.to(tl.int32), tl.zeros(shape, tl.int32))) >> 4
             if X_TILE == 1:  # d was 16 times the word's exact sum; the group scale per word, element-wise
-                acc += d * tl.load(g_rows[:, :, None] + grp[None, :, None] + 0 * kw3, mask=m3, other=0).to(tl.int32)
+                g3 = tl.load(g_rows[:, :, None] + grp[None, :, None] + 0 * kw3, mask=m3, other=0)
+                acc += d * g3.to(tl.int32)
             else:  # X_TILE 2: each group's sum first, then its scale (fewer registers, a sum per step)
-                acc_g += tl.sum(d, axis=2) * tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0).to(tl.int32)
+                g = tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0)
+                acc_g += tl.sum(d, axis=2) * g.to(tl.int32)
         else:
             xa = tl.load(x_row + 2 * kw, mask=kmask, other=0)
             xb = tl.load(x_row + 2 * kw + 1, mask=kmask, other=0)
             xe, xo = _even_odd_bytes(xa, xb)
             ones = tl.full(xa.shape, 0x01010101, tl.int32)
             xsum8 = 8 * _dp4a(xb, ones, _dp4a(xa, ones, tl.zeros(xa.shape, tl.int32)))  # 8 * the word's x sum
+            w = tl.load(w_rows + kw[None, :, :], mask=kmask[None, :, :], other=0)
             g = tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0).to(tl.int32)
             d = _dp4a((w & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xe[None, :, :], shape),
                       tl.zeros(shape, tl.int32))
             d = _dp4a(((w >> 4) & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xo[None, :, :], shape), d)
             acc += (d - xsum8[None, :, :]) * g[:, :, None]  # each word's exact sum, times its group's scale
     let_next_start(PDL)
-    _epilogue(tl.sum(tl.sum(acc, axis=2), axis=1) + tl.sum(acc_g, axis=1), m, rn, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr,
-              XS_MODE, WS_MODE, HAS_BIAS, OUT_INT8, OS_MODE)
+    if X_TILE == 2:
+        total = tl.sum(acc_g, axis=1)
+    else:
+        total = tl.sum(tl.sum(acc, axis=2), axis=1)
+    _epilogue(total, m, rn, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr, XS_MODE, WS_MODE, HAS_BIAS,
+              OUT_INT8, OS_MODE)
 
 
 @triton.jit
