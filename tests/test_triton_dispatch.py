@@ -183,7 +183,7 @@ def test_programmatic_dependent_launch_only_on_a_hopper_gpu(monkeypatch):
     assert common.pdl_options(torch.device("cpu")) == off
     monkeypatch.setattr(common, "_hopper_or_newer", lambda index: True)
     assert common.pdl_options(torch.device("cuda", 0)) == off  # this test runs under the interpreter
-    monkeypatch.setenv("TRITON_INTERPRET", "0")
+    monkeypatch.setattr(common, "INTERPRETED", False)
     assert common.pdl_options(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
     monkeypatch.setattr(common, "_hopper_or_newer", lambda index: False)
     assert common.pdl_options(torch.device("cuda", 0)) == off

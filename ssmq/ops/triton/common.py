@@ -83,6 +83,10 @@ def load_scale(s_ptr, MODE: tl.constexpr, row, col, mask):
         return tl.load(s_ptr + (row + col * 0), mask=mask, other=1.0)
 
 
+INTERPRETED = os.environ.get("TRITON_INTERPRET") == "1"
+"""Whether Triton runs kernels in its interpreter (set before triton is imported, ssmq.ops.triton.interpreter):
+it runs no inline PTX, so kernels that use some define an equivalent in plain operations for it."""
+
 USE_PDL = True
 """Whether kernels on Hopper and newer GPUs launch with PDL (pdl_options); benchmarks turn it off to
 measure what it gains."""
@@ -99,7 +103,7 @@ def pdl_options(device: torch.device) -> dict[str, bool]:
     before it reads or writes any tensor (before the wait, the previous kernel's writes may not be
     visible, and a weight may have just been computed by it); only L2 prefetches come earlier. Off
     under the interpreter and on older GPUs."""
-    on = (USE_PDL and device.type == "cuda" and os.environ.get("TRITON_INTERPRET") != "1"
+    on = (USE_PDL and device.type == "cuda" and not INTERPRETED
           and _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device()))
     return {"PDL": on, "launch_pdl": on}
 

@@ -13,14 +13,12 @@ outputs are bit-identical.
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ssmq.ops.triton.common import (PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, let_next_start, load_scale,
-                                    next_pow2, pdl_options, quantize_rn, scale_mode, wait_for_inputs)
+from ssmq.ops.triton.common import (INTERPRETED, PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, let_next_start,
+                                    load_scale, next_pow2, pdl_options, quantize_rn, scale_mode, wait_for_inputs)
 
 GEMV_MAX_ROWS = 4  # up to this many rows the weight-streaming GEMV beats a tensor-core tile
 
@@ -96,7 +94,7 @@ def _gemv_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, K, 
               XS_MODE, WS_MODE, HAS_BIAS, OUT_INT8, OS_MODE)
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter runs no inline PTX: the same sum, by shifts
+if INTERPRETED:  # the interpreter runs no inline PTX: the same sum, by shifts
     @triton.jit
     def _dp4a(a, b, acc):
         """acc + the dot product of the four int8 lanes of a and b (int32 words)."""

@@ -25,15 +25,13 @@ summed once at the end, still exact in int32. The W4A8 epilogue is the W8A8 one
 
 from __future__ import annotations
 
-import os
-
 import torch
 import triton
 import triton.language as tl
 
-from ssmq.ops.triton.common import (PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, let_next_start, next_pow2,
-                                    pdl_options, scale_mode, wait_for_inputs)
-from ssmq.ops.triton.linear import GEMV_MAX_ROWS, _dp4a, _epilogue
+from ssmq.ops.triton.common import (INTERPRETED, PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, let_next_start,
+                                    next_pow2, pdl_options, scale_mode, wait_for_inputs)
+from ssmq.ops.triton.linear import GEMV_MAX_ROWS, _dp4a, _epilogue, _words_aligned
 
 _FLOATS = (torch.float16, torch.float32)  # bf16 x takes the reference (the interpreter cannot test it)
 
@@ -154,7 +152,7 @@ def _even_odd_bytes(xa, xb):
     return even, odd
 
 
-if os.environ.get("TRITON_INTERPRET") == "1":  # the interpreter runs no inline PTX: the same bytes, by shifts
+if INTERPRETED:  # the interpreter runs no inline PTX: the same bytes, by shifts
     @triton.jit
     def _codes_x16(w):
         """16 * the signed codes of int32 words of eight (see _w4a8_gemv_dp4a_kernel's X_TILE) as two words
@@ -327,10 +325,10 @@ def _dp4a_config(n: int, n_groups: int) -> dict[str, int]:
 
 
 def _words_ready(x2: torch.Tensor, w_packed: torch.Tensor, n_groups: int) -> bool:
-    """Whether x's rows and the packed weights can be read as int32 words, whole words per group."""
+    """Whether x's rows and the packed weights can be read as int32 words (linear._words_aligned), whole
+    words per group (8 codes each)."""
     k = x2.shape[1]
-    return (k % 8 == 0 and (k // n_groups) % 8 == 0 and x2.stride(0) % 4 == 0 and w_packed.stride(0) % 4 == 0
-            and x2.data_ptr() % 4 == 0 and w_packed.data_ptr() % 4 == 0)
+    return k % 8 == 0 and (k // n_groups) % 8 == 0 and _words_aligned(x2, w_packed)
 
 
 def _launch(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, out: torch.Tensor,
