@@ -36,8 +36,7 @@ TINY = dict(d_model=128, d_inner=128, headdim=16, d_state=16, ngroups=2, L=40, B
 W4A8_GEMV_CONFIGS = [dict(WORDS=0)] + [dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=w, UNROLL=u, X_TILE=xt)
                                        for bn, bg, w, u, xt in (
     (16, 8, 4, 1, 0), (16, 16, 8, 1, 0), (8, 8, 4, 1, 0),
-    (16, 8, 4, 1, 1), (16, 16, 8, 1, 1), (8, 8, 4, 1, 1), (16, 4, 4, 1, 1),
-    (16, 8, 4, 1, 2), (16, 16, 8, 1, 2), (8, 8, 4, 1, 2), (32, 8, 4, 1, 2), (32, 16, 8, 1, 2), (16, 8, 4, 2, 2))]
+    (8, 8, 4, 1, 1), (16, 16, 8, 1, 1), (16, 8, 4, 1, 1))]
 # W4A16 GEMV (bytes) tiles: rows, groups, warps
 W4A16_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=w) for bn, bg, w in (
     (4, 16, 4), (16, 8, 8), (16, 4, 4), (8, 4, 4))]
@@ -110,7 +109,7 @@ class _Ssd:
 
 def checks(ck, mode: str, budget_s: float) -> list[dict]:
     """Kernel-vs-reference cases for the new kernels through ssmq.ops.dispatch (`ck` is gpu_check's Checks),
-    and for the W4A8 GEMV's X_TILE alternative directly."""
+    and for both loops of the W4A8 GEMV (X_TILE 0 and 1, whichever the default picks) directly."""
     from ssmq.ops.triton import w4 as tw4
 
     d = TINY if mode == "dry" else REAL
@@ -184,7 +183,7 @@ def checks(ck, mode: str, budget_s: float) -> list[dict]:
                               xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_),
                           lambda xq=xq, xs=xs, w=w, bias=bias, os_=out_scale: int4_linear.w4a8_linear(
                               xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_)))
-            for x_tile in (1, 2) if m == 1 else ():  # the GEMV's X_TILE alternatives (off until timed)
+            for x_tile in (0, 1) if m == 1 else ():  # both GEMV loops, whichever the shape's default is
                 cases.append((f"w4a8_linear {label} -> {out_kind}, X_TILE {x_tile}", f"M={m} N={nout} K={k}",
                               lambda xq=xq, xs=xs, w=w, bias=bias, os_=out_scale, xt=x_tile: tw4.w4a8_linear(
                                   xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_,

@@ -19,7 +19,8 @@ cores. W4A8 decoding reads the weights as int32 words of eight codes and multipl
 low nibbles of a word, XOR 8, are four unsigned bytes code + 8 (columns 8q, 8q+2, 8q+4, 8q+6), the high
 nibbles the odd columns, and x's words are regrouped into its even and odd bytes to match; each word's
 sum is then dot(code + 8, x) - 8 * sum(x), which times its group's scale is accumulated element-wise and
-summed once at the end, still exact in int32. The W4A8 epilogue is the W8A8 one
+summed once at the end, still exact in int32. Wide layers take a second loop (X_TILE) that regroups the
+codes' bytes instead of x's (see the kernel). The W4A8 epilogue is the W8A8 one
 (ssmq.ops.triton.linear), run without fp contraction, so int8 outputs are bit-identical to the reference.
 """
 
@@ -197,12 +198,11 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
     of the loop over K issue their loads together. With PDL the program's weight rows (LINES
     128-byte lines each, a power-of-two cover) are prefetched into L2 while the kernel before finishes.
 
-    X_TILE 1 and 2 (alternatives, off by default until timed): x is read as 8-byte words in the weight
-    tile's layout, so that x's values do not cross threads through shared memory in the loop (the
-    default's do: 8 barriers per step in its sm_90 PTX, 2 with X_TILE), and the codes' bytes are regrouped
-    instead of x's (_codes_x16: 16 * code as int8 lanes in column order), so dp4a takes x's words as they
-    are and no x sums are needed: (16 * sum) >> 4 is exact. X_TILE 1 multiplies each word's sum by its
-    group's scale read per word (82 registers); X_TILE 2 sums each group first, then scales it (36)."""
+    X_TILE (the wide layers' loop, _dp4a_config): x is read as 8-byte words in the weight tile's layout, so
+    that x's values do not cross threads through shared memory in the loop (the other loop's do: 8 barriers
+    per step in its sm_90 PTX, 2 with X_TILE), and the codes' bytes are regrouped instead of x's
+    (_codes_x16: 16 * code as int8 lanes in column order), so dp4a takes x's words as they are and no x
+    sums are needed: each group's sum is 16 times the exact one, shifted back (exactly) before its scale."""
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if PDL:
@@ -230,13 +230,9 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
             m3 = kmask[None, :, :] & (rows0 == 0)
             x8 = tl.load(x_row.to(tl.pointer_type(tl.int64)) + kw3, mask=m3, other=0)
             lo, hi = _codes_x16(w)
-            d = _dp4a(hi, (x8 >> 32).to(tl.int32), _dp4a(lo, x8.to(tl.int32), tl.zeros(shape, tl.int32))) >> 4
-            if X_TILE == 1:  # d was 16 times the word's exact sum; the group scale per word, element-wise
-                g3 = tl.load(g_rows[:, :, None] + grp[None, :, None] + 0 * kw3, mask=m3, other=0)
-                acc += d * g3.to(tl.int32)
-            else:  # X_TILE 2: each group's sum first, then its scale (fewer registers, a sum per step)
-                g = tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0)
-                acc_g += tl.sum(d, axis=2) * g.to(tl.int32)
+            d = _dp4a(hi, (x8 >> 32).to(tl.int32), _dp4a(lo, x8.to(tl.int32), tl.zeros(shape, tl.int32)))
+            g = tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0)
+            acc_g += (tl.sum(d, axis=2) >> 4) * g.to(tl.int32)
         else:
             xa = tl.load(x_row + 2 * kw, mask=kmask, other=0)
             xb = tl.load(x_row + 2 * kw + 1, mask=kmask, other=0)
@@ -250,7 +246,7 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
             d = _dp4a(((w >> 4) & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xo[None, :, :], shape), d)
             acc += (d - xsum8[None, :, :]) * g[:, :, None]  # each word's exact sum, times its group's scale
     let_next_start(PDL)
-    if X_TILE == 2:
+    if X_TILE:
         total = tl.sum(acc_g, axis=1)
     else:
         total = tl.sum(tl.sum(acc, axis=2), axis=1)
@@ -312,13 +308,14 @@ def _gemv_config(n: int, n_groups: int, hg: int) -> dict[str, int]:
 
 
 def _dp4a_config(n: int, n_groups: int) -> dict[str, int]:
-    """The W4A8 dp4a GEMV's tiles, from gpu_check's m2time sweep on an H200 (CUDA-graph times of the
-    mamba2-2.7b and -8b projections and the 8b lm_head): 16 weight rows by 8 groups per step and 4 warps
-    for wide layers (N >= 8192: in_proj, lm_head; 8b in_proj 17.0 us); for narrow ones (out_proj, with its
-    long rows) 16 rows by 16 groups and 8 warps from N = 4096 (8b: 8.7 us against 11.8 us), 8 rows by 8
-    groups below (2.7b: 4.4 us against 5.6 us). X_TILE stays off until a GPU run times it."""
+    """The W4A8 dp4a GEMV's tiles, from gpu_check's m2time sweeps on an H200 (CUDA-graph times of the
+    mamba2-2.7b and -8b projections and the 8b lm_head): for wide layers (N >= 8192: in_proj, lm_head) the
+    X_TILE loop with 8 weight rows by 8 groups per step and 4 warps (8b in_proj 16.6 us, 2.7b 6.8 us, 8b
+    lm_head 147 us, against 17.1, 7.9 and 151.7 us for the other loop's best tiles); for narrow ones
+    (out_proj, with its long rows, where the X_TILE loop was slower) 16 rows by 16 groups and 8 warps from
+    N = 4096 (8b: 8.7 us against 11.8 us), 8 rows by 8 groups below (2.7b: 4.4 us against 5.6 us)."""
     if n >= 8192:
-        return dict(BLOCK_N=16, BLOCK_G=min(8, next_pow2(n_groups)), num_warps=4, UNROLL=1, X_TILE=0)
+        return dict(BLOCK_N=8, BLOCK_G=min(8, next_pow2(n_groups)), num_warps=4, UNROLL=1, X_TILE=1)
     if n >= 4096:
         return dict(BLOCK_N=16, BLOCK_G=min(16, next_pow2(n_groups)), num_warps=8, UNROLL=1, X_TILE=0)
     return dict(BLOCK_N=8, BLOCK_G=min(8, next_pow2(n_groups)), num_warps=4, UNROLL=1, X_TILE=0)
