@@ -29,6 +29,8 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, out_ptr, res_ptr, os_ptr, D, strid
     wait_for_inputs(PDL)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     x = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0)
+    if OUT_INT8:  # with the other loads: after the row's sum it would add a memory latency
+        out_scale = load_scale(os_ptr, OS_MODE, row, cols, mask)
     if ROUND_RES:  # the residual is kept in hidden's dtype: round the sum to it before the norm reads it
         if HAS_RES:
             r = tl.load(r_ptr + row * stride_r + cols, mask=mask, other=0.0).to(tl.float32)
@@ -44,7 +46,7 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, out_ptr, res_ptr, os_ptr, D, strid
     normed = s * rstd
     if OUT_INT8:
         v = w.to(tl.float32) * normed
-        tl.store(out_ptr + row * D + cols, quantize_rn(v, load_scale(os_ptr, OS_MODE, row, cols, mask)), mask=mask)
+        tl.store(out_ptr + row * D + cols, quantize_rn(v, out_scale), mask=mask)
     else:
         v = w.to(tl.float32) * normed.to(w_ptr.dtype.element_ty).to(tl.float32)
         tl.store(out_ptr + row * D + cols, v.to(out_ptr.dtype.element_ty), mask=mask)
