@@ -35,7 +35,8 @@ TINY = dict(d_model=128, d_inner=128, headdim=16, d_state=16, ngroups=2, L=40, B
 # warps, unrolled steps, X_TILE)
 W4A8_GEMV_CONFIGS = [dict(WORDS=0)] + [dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=w, UNROLL=u, X_TILE=xt)
                                        for bn, bg, w, u, xt in (
-    (16, 8, 4, 1, 0), (16, 16, 8, 1, 0), (8, 8, 4, 1, 0), (8, 8, 4, 1, 1), (16, 8, 4, 1, 1), (16, 16, 8, 1, 1))]
+    (16, 8, 4, 1, 0), (16, 16, 8, 1, 0), (8, 8, 4, 1, 0), (8, 8, 4, 1, 1), (16, 8, 4, 1, 1), (16, 16, 8, 1, 1),
+    (8, 16, 4, 1, 1), (4, 16, 4, 1, 1), (4, 32, 4, 1, 1), (2, 32, 2, 1, 1), (8, 32, 8, 1, 1))]
 # W4A16 GEMV (bytes) tiles: rows, groups, warps
 W4A16_GEMV_CONFIGS = [dict(BLOCK_N=bn, BLOCK_G=bg, num_warps=w) for bn, bg, w in (
     (4, 16, 4), (16, 8, 8), (16, 4, 4), (8, 4, 4))]

@@ -187,8 +187,8 @@ def int8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
                 out_scale: torch.Tensor | None = None, config: dict[str, int] | None = None) -> torch.Tensor | None:
     """W8A8 linear for x_q (..., K) and w_q (N, K), both int8; float out_dtype, or int8 when out_scale is
     given. Scales are fp32 tensors (0-d or per row for x, 0-d or (N,) for w, any of those for out).
-    `config` overrides the tile choice (for tuning; DP4A=1 picks the dp4a GEMV). Returns None when a scale layout is one the kernels
-    don't take."""
+    `config` overrides the tile choice (for tuning; DP4A=1 picks the dp4a GEMV). Returns None when a scale
+    layout is one the kernels don't take."""
     *lead, k = x_q.shape
     n = w_q.shape[0]
     x2 = x_q.reshape(-1, k)

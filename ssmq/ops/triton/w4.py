@@ -309,16 +309,17 @@ def _gemv_config(n: int, n_groups: int, hg: int) -> dict[str, int]:
 
 def _dp4a_config(n: int, n_groups: int) -> dict[str, int]:
     """The W4A8 dp4a GEMV's tiles, from gpu_check's m2time sweeps on an H200 (CUDA-graph times of the
-    mamba2-2.7b and -8b projections and the 8b lm_head): for wide layers (N >= 8192: in_proj, lm_head) the
-    X_TILE loop with 8 weight rows by 8 groups per step and 4 warps (8b in_proj 16.6 us, 2.7b 6.8 us, 8b
-    lm_head 147 us, against 17.1, 7.9 and 151.7 us for the other loop's best tiles); for narrow ones
-    (out_proj, with its long rows, where the X_TILE loop was slower) 16 rows by 16 groups and 8 warps from
-    N = 4096 (8b: 8.7 us against 11.8 us), 8 rows by 8 groups below (2.7b: 4.4 us against 5.6 us)."""
+    mamba2-2.7b and -8b projections and the 8b lm_head); all take the X_TILE loop and 4 warps.
+    - Wide layers (N >= 8192): 8 weight rows per step, by 16 groups where 16 divide the row's groups and
+      the layer is an in_proj-sized one (8b in_proj 14.4 us against 15.9 with 8 groups), else by 8 (the 8b
+      lm_head, 24 waves of programs: 149.6 us against 155.1; the 2.7b in_proj, 20 groups: 6.9 against 8.2).
+    - Narrow layers (out_proj, with its long rows): 4 rows by 32 groups where 32 divide the row's groups,
+      else by 16 (8b out_proj 7.9 us, 2.7b 3.6 us, against 8.5 and 4.4 with the other loop's best tiles)."""
     if n >= 8192:
-        return dict(BLOCK_N=8, BLOCK_G=min(8, next_pow2(n_groups)), num_warps=4, UNROLL=1, X_TILE=1)
-    if n >= 4096:
-        return dict(BLOCK_N=16, BLOCK_G=min(16, next_pow2(n_groups)), num_warps=8, UNROLL=1, X_TILE=0)
-    return dict(BLOCK_N=8, BLOCK_G=min(8, next_pow2(n_groups)), num_warps=4, UNROLL=1, X_TILE=0)
+        bg = 16 if n_groups % 16 == 0 and n < 65536 else 8
+        return dict(BLOCK_N=8, BLOCK_G=min(bg, next_pow2(n_groups)), num_warps=4, UNROLL=1, X_TILE=1)
+    bg = 32 if n_groups % 32 == 0 else 16
+    return dict(BLOCK_N=4, BLOCK_G=min(bg, next_pow2(n_groups)), num_warps=4, UNROLL=1, X_TILE=1)
 
 
 def _words_ready(x2: torch.Tensor, w_packed: torch.Tensor, n_groups: int) -> bool:
