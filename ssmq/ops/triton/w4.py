@@ -19,8 +19,9 @@ cores. W4A8 decoding reads the weights as int32 words of eight codes and multipl
 low nibbles of a word, XOR 8, are four unsigned bytes code + 8 (columns 8q, 8q+2, 8q+4, 8q+6), the high
 nibbles the odd columns, and x's words are regrouped into its even and odd bytes to match; each word's
 sum is then dot(code + 8, x) - 8 * sum(x), which times its group's scale is accumulated element-wise and
-summed once at the end, still exact in int32. Wide layers take a second loop (X_TILE) that regroups the
-codes' bytes instead of x's (see the kernel). The W4A8 epilogue is the W8A8 one
+summed once at the end, still exact in int32. By default the kernel runs a second loop (X_TILE) that
+regroups the codes' bytes instead of x's (see the kernel); the first serves x rows that are not 8-byte
+aligned. The W4A8 epilogue is the W8A8 one
 (ssmq.ops.triton.linear), run without fp contraction, so int8 outputs are bit-identical to the reference.
 """
 
@@ -198,11 +199,12 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
     of the loop over K issue their loads together. With PDL the program's weight rows (LINES
     128-byte lines each, a power-of-two cover) are prefetched into L2 while the kernel before finishes.
 
-    X_TILE (the wide layers' loop, _dp4a_config): x is read as 8-byte words in the weight tile's layout, so
-    that x's values do not cross threads through shared memory in the loop (the other loop's do: 8 barriers
-    per step in its sm_90 PTX, 2 with X_TILE), and the codes' bytes are regrouped instead of x's
-    (_codes_x16: 16 * code as int8 lanes in column order), so dp4a takes x's words as they are and no x
-    sums are needed: each group's sum is 16 times the exact one, shifted back (exactly) before its scale."""
+    X_TILE (the default loop, _dp4a_config; x's rows 8-byte aligned): x is read as 8-byte words in the
+    weight tile's layout, so that x's values do not cross threads through shared memory in the loop (the
+    other loop's do: 8 barriers per step in its sm_90 PTX, 2 with X_TILE), and the codes' bytes are regrouped
+    instead of x's (_codes_x16: 16 * code as int8 lanes in column order), so dp4a takes x's words as they
+    are and no x sums are needed: each group's sum is 16 times the exact one, shifted back (exactly) before
+    its scale."""
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if PDL:
