@@ -218,9 +218,11 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
     x_row = x_ptr.to(tl.pointer_type(tl.int32)) + m.to(tl.int64) * (stride_xm // 4)
     WG: tl.constexpr = HALF // 4
     shape: tl.constexpr = (BLOCK_N, BLOCK_G, HW)
-    acc = tl.zeros(shape, dtype=tl.int32)
-    rows0 = tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32)
-    acc_g = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.int32)
+    if X_TILE:  # one int32 sum per row and group, scaled
+        acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.int32)
+        rows0 = tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32)
+    else:  # one per word, scaled
+        acc = tl.zeros(shape, dtype=tl.int32)
     for g0 in tl.range(0, NG, BLOCK_G, loop_unroll_factor=UNROLL):
         grp = g0 + gi
         gmask = grp < NG
@@ -228,13 +230,13 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
         kmask = gmask[:, None] if FULL else gmask[:, None] & (q < WG)[None, :]
         if X_TILE:
             w = tl.load(w_rows + kw[None, :, :], mask=kmask[None, :, :], other=0)
-            kw3 = kw[None, :, :] + rows0  # x's 8-byte words and the group scales, broadcast over the rows
-            m3 = kmask[None, :, :] & (rows0 == 0)
+            kw3 = kw[None, :, :] + rows0  # x's 8-byte words, in the weight tile's 3-D shape (rows0 == 0 is
+            m3 = kmask[None, :, :] & (rows0 == 0)  # all true: it gives the mask that shape too)
             x8 = tl.load(x_row.to(tl.pointer_type(tl.int64)) + kw3, mask=m3, other=0)
             lo, hi = _codes_x16(w)
             d = _dp4a(hi, (x8 >> 32).to(tl.int32), _dp4a(lo, x8.to(tl.int32), tl.zeros(shape, tl.int32)))
             g = tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0)
-            acc_g += (tl.sum(d, axis=2) >> 4) * g.to(tl.int32)
+            acc += (tl.sum(d, axis=2) >> 4) * g.to(tl.int32)
         else:
             xa = tl.load(x_row + 2 * kw, mask=kmask, other=0)
             xb = tl.load(x_row + 2 * kw + 1, mask=kmask, other=0)
@@ -248,10 +250,7 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
             d = _dp4a(((w >> 4) & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xo[None, :, :], shape), d)
             acc += (d - xsum8[None, :, :]) * g[:, :, None]  # each word's exact sum, times its group's scale
     let_next_start(PDL)
-    if X_TILE:
-        total = tl.sum(acc_g, axis=1)
-    else:
-        total = tl.sum(tl.sum(acc, axis=2), axis=1)
+    total = tl.sum(acc, axis=1) if X_TILE else tl.sum(tl.sum(acc, axis=2), axis=1)
     _epilogue(total, m, rn, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr, XS_MODE, WS_MODE, HAS_BIAS,
               OUT_INT8, OS_MODE)
 
