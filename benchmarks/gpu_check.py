@@ -532,12 +532,36 @@ def profile(device: torch.device, args: argparse.Namespace) -> dict:
     return out
 
 
+def _switch(target: str) -> tuple[object, str]:
+    """The module and attribute of a MODULE.NAME switch (ValueError when there is none)."""
+    import importlib
+
+    module_name, _, attr = target.rpartition(".")
+    if not (module_name and attr):
+        raise ValueError(f"{target!r}: expected MODULE.NAME")
+    module = importlib.import_module(module_name)
+    if not hasattr(module, attr):
+        raise ValueError(f"module {module_name} has no {attr}")
+    return module, attr
+
+
+def set_switch(item: str) -> None:
+    """--set MODULE.NAME=VALUE: the switch set to the literal VALUE for the whole run."""
+    import ast
+
+    target, _, text = item.partition("=")
+    module, attr = _switch(target)
+    setattr(module, attr, ast.literal_eval(text))
+    log(f"--set {target} = {text}")
+    RESULTS.setdefault("set", []).append(item)
+
+
 def switch_ab(device: torch.device, args: argparse.Namespace) -> dict:
     """Decoding time per token (CUDA graph, batch 1, after a --prompt-len prefill) of the fp16 model and
     the --profile-recipe twin (quantized embedding and lm_head), with a module-level switch of the kernels
-    (--ab-switch MODULE.NAME=V1,V2,...; default PDL on, off, on) set to each value in turn, in one run."""
+    (--ab-switch MODULE.NAME=V1,V2,... or V1;V2;... for values with commas; default PDL on, off, on) set to
+    each value in turn, in one run."""
     import ast
-    import importlib
 
     from ssmq.bench.graphs import GraphDecoder, static_cache
     from ssmq.bench.models import DEFAULT_RECIPES, prepare_for_inference, random_fp_model, random_quantized_model
@@ -545,13 +569,11 @@ def switch_ab(device: torch.device, args: argparse.Namespace) -> dict:
     from ssmq.bench.timing import median_ms
 
     target, _, values = args.ab_switch.partition("=")
-    module_name, _, attr = target.rpartition(".")
-    if not (module_name and attr and values):
+    if not values:
         raise ValueError(f"--ab-switch {args.ab_switch!r}: expected MODULE.NAME=V1,V2,...")
-    module = importlib.import_module(module_name)
-    if not hasattr(module, attr):
-        raise ValueError(f"--ab-switch: module {module_name} has no {attr}")
-    settings = [ast.literal_eval(text) for text in values.split(",")]  # a typo fails before any model is built
+    module, attr = _switch(target)
+    texts = values.split(";" if ";" in values else ",")  # ';' separates values that hold commas
+    settings = [ast.literal_eval(text) for text in texts]  # a typo fails before any model is built
     original = getattr(module, attr)
     cfg = shape_config(args.shape)
     recipe = args.profile_recipe or DEFAULT_RECIPES[cfg.arch]
@@ -563,7 +585,7 @@ def switch_ab(device: torch.device, args: argparse.Namespace) -> dict:
                                  (recipe, lambda: random_quantized_model(cfg, device, recipe, quantize_embedding=True,
                                                                          quantize_lm_head=True))):
                 model = prepare_for_inference(build())
-                for text, value in zip(values.split(","), settings):
+                for text, value in zip(texts, settings):
                     setattr(module, attr, value)
                     cache = static_cache(cfg.n_layer)
                     tok = model(ids, cache)[:, -1].argmax(-1, keepdim=True)
@@ -705,8 +727,13 @@ def main() -> None:
                    help="the quantized model of the profile stage (default: quamba1 / quamba2-w8a8 by architecture)")
     p.add_argument("--ab-switch", default="ssmq.ops.triton.common.USE_PDL=True,False,True",
                    help="the ab stage's switch and values, MODULE.NAME=V1,V2,... (Python literals)")
+    p.add_argument("--set", action="append", default=[], metavar="MODULE.NAME=VALUE",
+                   help="set a module-level switch (a Python literal) for every stage, e.g. "
+                        "ssmq.ops.triton.common.PREFETCH_L2='step'; repeatable")
     p.add_argument("--dry-run", action="store_true", help="CPU + Triton interpreter, tiny shapes")
     args = p.parse_args()
+    for item in args.set:
+        set_switch(item)
     from ssmq.bench.shapes import shape_config
     from ssmq.models.config import MambaConfig
 

@@ -269,6 +269,10 @@ def timings(device: torch.device, mode: str, budget_s: float, log: Callable[[str
                 "w4a8": row(op, "w4a8", lambda: tw4.w4a8_linear(xq, s, w4[next(it) % copies]["packed"], w4[0]["s_c"],
                                                                 w4[0]["g"], out_dtype=torch.float16)),
             }
+            if m > 1:
+                row(op, "w4a8 tiled GEMM (INT_MM=0)", lambda: tw4.w4a8_linear(
+                    xq, s, w4[next(it) % copies]["packed"], w4[0]["s_c"], w4[0]["g"], out_dtype=torch.float16,
+                    config={"INT_MM": 0}))
             for cfg in DEQUANT_CONFIGS if m > 1 else ():
                 row(op, "w4a16 dequantize only " + ",".join(f"{v}" for v in cfg.values()),
                     lambda cfg=cfg: tw4.dequantize_w4a16(w4[next(it) % copies]["packed"], w4[0]["scale"],

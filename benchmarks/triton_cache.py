@@ -148,11 +148,11 @@ def _record_workload() -> None:
 def _launch_as_on_the_gpu(arch: int) -> None:
     """The recorded CPU launches take the launch options the GPU's would: programmatic dependent launch
     on sm_90 and newer (ssmq.ops.triton.common.pdl_options, which is off for CPU tensors)."""
-    options = {"PDL": arch >= 90, "launch_pdl": arch >= 90}
+    options = {"PDL": arch >= 90, "launch_pdl": arch >= 90, "PREFETCH": arch >= 90}
     for name in KERNEL_MODULES:
         module = importlib.import_module(f"ssmq.ops.triton.{name}")
         if hasattr(module, "pdl_options"):
-            module.pdl_options = lambda device: dict(options)
+            module.pdl_options = lambda device, family="": dict(options)
 
 
 def record(out: Path, arch: int) -> None:

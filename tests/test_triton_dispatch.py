@@ -176,17 +176,21 @@ def test_static_states_are_updated_in_place(monkeypatch):
 @needs_triton
 def test_programmatic_dependent_launch_only_on_a_hopper_gpu(monkeypatch):
     """PDL launch options are on only for CUDA devices of compute capability 9+, never under the
-    interpreter (its instructions do not exist there), and USE_PDL turns them off everywhere."""
+    interpreter (its instructions do not exist there), and USE_PDL turns them off everywhere; the L2
+    prefetches that come before the wait go with PDL, for the kernel families PREFETCH_L2 names."""
     from ssmq.ops.triton import common
 
-    off = {"PDL": False, "launch_pdl": False}
+    off = {"PDL": False, "launch_pdl": False, "PREFETCH": False}
     assert common.pdl_options(torch.device("cpu")) == off
     monkeypatch.setattr(common, "_hopper_or_newer", lambda index: True)
     assert common.pdl_options(torch.device("cuda", 0)) == off  # this test runs under the interpreter
     monkeypatch.setattr(common, "INTERPRETED", False)
-    assert common.pdl_options(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True}
+    monkeypatch.setattr(common, "PREFETCH_L2", "gemv+step")
+    assert common.pdl_options(torch.device("cuda", 0), "step") == {"PDL": True, "launch_pdl": True, "PREFETCH": True}
+    assert common.pdl_options(torch.device("cuda", 0), "norm") == {"PDL": True, "launch_pdl": True, "PREFETCH": False}
+    assert common.pdl_options(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True, "PREFETCH": False}
     monkeypatch.setattr(common, "_hopper_or_newer", lambda index: False)
-    assert common.pdl_options(torch.device("cuda", 0)) == off
+    assert common.pdl_options(torch.device("cuda", 0), "step") == off
     monkeypatch.setattr(common, "_hopper_or_newer", lambda index: True)
     monkeypatch.setattr(common, "USE_PDL", False)
-    assert common.pdl_options(torch.device("cuda", 0)) == off
+    assert common.pdl_options(torch.device("cuda", 0), "step") == off

@@ -136,6 +136,32 @@ def test_w4a8_extreme_codes_and_group_scales():
     assert float(out.abs().max()) > 2 ** 24
 
 
+@pytest.mark.parametrize("int_mm", [1, 0])
+def test_w4a8_many_rows_int8_planes_and_tiled_gemm(int_mm, monkeypatch):
+    """Prefill-sized W4A8, by the int8 planes + torch._int_mm path (16 * hi + lo; small chunk limits, so
+    that it runs over several chunks of rows and of columns) and by the tiled GEMM: every code, with the
+    extreme group scales and those where g * code carries between hi and lo, per-token and per-channel
+    scales, a bias, float and int8 outputs, all bit-identical to the reference."""
+    monkeypatch.setattr(w4, "INT_MM_ROWS", 32)
+    monkeypatch.setattr(w4, "INT_MM_BYTES", 40_000)
+    g = torch.Generator().manual_seed(11)
+    n, k, m = 72, 256, 40
+    codes = ((torch.arange(k) + torch.arange(n)[:, None] * 3) % 16 - 8).to(torch.int8)
+    choices = torch.tensor([1, 2, 15, 16, 17, 63, 64, 65, 126, 127], dtype=torch.int16)
+    gs = choices[torch.randint(0, len(choices), (n, k // 128), generator=g)]
+    s_c, bias = torch.rand(n, generator=g) * 1e-3 + 1e-4, torch.randn(n, generator=g)
+    x = torch.randint(-128, 128, (m, k), generator=g, dtype=torch.int8)
+    x[0] = -128
+    per_token = torch.rand(m, 1, generator=g) * 0.01 + 1e-3
+    cfg = dict(INT_MM=int_mm)
+    out = w4.w4a8_linear(x, per_token, pack_int4(codes), s_c, gs, bias, torch.float32, config=cfg)
+    assert torch.equal(out, ref.w4a8_linear(x, per_token, pack_int4(codes), s_c, gs, bias, torch.float32))
+    for out_scale in (torch.tensor(0.05), torch.rand(m, 1, generator=g) * 0.1 + 0.01):
+        out = w4.w4a8_linear(x, per_token, pack_int4(codes), s_c, gs, bias, out_scale=out_scale, config=cfg)
+        assert torch.equal(out, ref.w4a8_linear(x, per_token, pack_int4(codes), s_c, gs, bias, out_scale=out_scale))
+    assert out.dtype == torch.int8 and int(out.max()) == 127 and int(out.min()) == -128  # saturation exercised
+
+
 def test_strided_rows_and_unknown_layouts():
     codes, s_c, gs = quantize_int4_two_level(weights(8, 128, seed=3))
     x = torch.randint(-128, 128, (1, 2, 256), dtype=torch.int8)[..., :128]  # a view with a row stride of 256

@@ -28,7 +28,8 @@ import triton.language as tl
 
 from ssmq.ops.hadamard import _base, _sylvester, supported_hadamard_size, check_hadamard_size
 from ssmq.ops.triton.common import (PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, load_scale, next_pow2,
-                                    pdl_options, quantize_rn, scale_mode, silu, wait_for_inputs)
+                                    pdl_options, prefetch_span, quantize_rn, scale_mode, silu, span_lines,
+                                    wait_for_inputs)
 
 MAX_P = 128
 _FLOATS = (torch.float16, torch.float32)
@@ -65,15 +66,26 @@ def _hadamard_kernel(x_ptr, s_ptr, bt_ptr, out_ptr, os_ptr, stride_x, inv_sqrt_n
                      eps, P: tl.constexpr, PB: tl.constexpr, MB: tl.constexpr, MP: tl.constexpr,
                      HALF_IN: tl.constexpr, OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, NORM: tl.constexpr,
                      GROUP: tl.constexpr, NG: tl.constexpr, GATE_Q: tl.constexpr, ZS_MODE: tl.constexpr,
-                     PDL: tl.constexpr):
+                     PDL: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr):
     """The rotation (and quantization) of one row's PB output rows; NORM: the row is first the gated norm
-    of x (y) with z and w (every program of the row computes it: the row is small)."""
+    of x (y) with z and w (every program of the row computes it: the row is small). PREFETCH: the
+    matrices, the per-channel scales and the norm's weight, while the kernel before finishes."""
     row = tl.program_id(0).to(tl.int64)
     a = tl.arange(0, P)
     a_out = tl.program_id(1) * PB + tl.arange(0, PB)
     c = tl.arange(0, MP)
     in_offs = a[:, None] * MB + c[None, :]
     in_mask = (c < MB)[None, :] & (a < P)[:, None]
+    if PREFETCH:
+        a0 = tl.program_id(1) * PB
+        prefetch_span(s_ptr + a0 * P, PB * P * 4, LINES)
+        prefetch_span(bt_ptr, MP * MP * 4, LINES)
+        if OUT_INT8 and OS_MODE == 1:
+            prefetch_span(os_ptr + a0 * MB, PB * MB * 4, LINES)
+        if NORM:
+            prefetch_span(w_ptr, P * MB * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
+            if GATE_Q and ZS_MODE == 1:
+                prefetch_span(zs_ptr, P * MB * 4, LINES)
     wait_for_inputs(PDL)
     s = tl.load(s_ptr + a_out[:, None] * P + a[None, :])
     bt = tl.load(bt_ptr + c[:, None] * MP + c[None, :])
@@ -185,6 +197,7 @@ def _rotate(x: torch.Tensor, out_scale: torch.Tensor | None, norm: dict | None,
         HALF_IN=x.dtype == torch.float16 if half_in is None else half_in, OUT_INT8=out_scale is not None,
         OS_MODE=mode if mode is not None else PER_ROW, NORM=norm is not None, GROUP=nm["group"], NG=nm["ng"],
         GATE_Q=nm["gate_q"], ZS_MODE=nm["zs_mode"],
-        num_warps=cfg.get("num_warps", 8 if norm or pb * mp >= 4096 else 4), enable_fp_fusion=False,
-        **pdl_options(x.device))
+        num_warps=cfg.get("num_warps", 8 if norm or pb * mp >= 4096 else 4),
+        LINES=span_lines(4 * max(pb * p, mp * mp, n if norm else 0)), enable_fp_fusion=False,
+        **pdl_options(x.device, "norm"))
     return out

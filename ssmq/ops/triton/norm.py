@@ -16,16 +16,21 @@ import triton
 import triton.language as tl
 
 from ssmq.ops.triton.common import (PER_CHANNEL, PER_TENSOR, flat_scale, load_scale, next_pow2, pdl_options,
-                                    quantize_rn, scale_mode, silu, wait_for_inputs)
+                                    prefetch_span, quantize_rn, scale_mode, silu, span_lines, wait_for_inputs)
 
 
 @triton.jit
 def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, out_ptr, res_ptr, os_ptr, D, stride_h, stride_r, eps,
                          HAS_RES: tl.constexpr, STORE_RES: tl.constexpr, ROUND_RES: tl.constexpr,
-                         OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                         OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+                         PREFETCH: tl.constexpr, LINES: tl.constexpr):
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
+    if PREFETCH:  # the weight, and the residual (written a layer ago); LINES covers a row of 4-byte values
+        prefetch_span(w_ptr, D * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
+        if HAS_RES:
+            prefetch_span(r_ptr + row * stride_r, D * (r_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
     wait_for_inputs(PDL)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     x = tl.load(h_ptr + row * stride_h + cols, mask=mask, other=0.0)
@@ -72,7 +77,7 @@ def _launch(hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         h2, r2, weight.contiguous(), out, res_out if res_out is not None else out, os_, d, h2.stride(0),
         r2.stride(0), eps, HAS_RES=residual is not None, STORE_RES=res_out is not None, ROUND_RES=round_res,
         OUT_INT8=out_scale is not None, OS_MODE=os_mode, BLOCK=block, num_warps=_warps(block),
-        enable_fp_fusion=False, **pdl_options(hidden.device))
+        LINES=span_lines(4 * d), enable_fp_fusion=False, **pdl_options(hidden.device, "norm"))
 
 
 def _warps(block: int) -> int:
@@ -111,13 +116,19 @@ def int8_add_rms_norm(hidden: torch.Tensor, residual: torch.Tensor | None, weigh
 
 @triton.jit
 def _gated_rms_norm_kernel(y_ptr, g_ptr, gs_ptr, w_ptr, out_ptr, D, GROUP, stride_y, stride_g, eps,
-                           GATE_Q: tl.constexpr, GS_MODE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr):
+                           GATE_Q: tl.constexpr, GS_MODE: tl.constexpr, BLOCK: tl.constexpr, PDL: tl.constexpr,
+                           PREFETCH: tl.constexpr, LINES: tl.constexpr):
     """h = fp32(y) * silu(gate) over one group of one row, gate = fp32(gate), or fp32(codes) * scale for an
     int8 gate (GATE_Q); out = w * (h * rsqrt(mean(h^2) + eps)), the normalised value rounded to w's dtype
     before the product, as the reference."""
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * GROUP + tl.arange(0, BLOCK)
     mask = tl.arange(0, BLOCK) < GROUP
+    if PREFETCH:  # the group's weights and gate scales (LINES covers a group of 4-byte values)
+        prefetch_span(w_ptr + tl.program_id(1) * GROUP, GROUP * (w_ptr.dtype.element_ty.primitive_bitwidth // 8),
+                      LINES)
+        if GATE_Q and GS_MODE == 1:
+            prefetch_span(gs_ptr + tl.program_id(1) * GROUP, GROUP * 4, LINES)
     wait_for_inputs(PDL)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
@@ -150,6 +161,6 @@ def gated_rms_norm(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
         _gated_rms_norm_kernel[(y2.shape[0], d // group_size)](
             y2, g2, gs, weight.contiguous(), out, d, group_size, y2.stride(0), g2.stride(0), eps,
             GATE_Q=gate_scale is not None, GS_MODE=gs_mode, BLOCK=block,
-            num_warps=(config or {}).get("num_warps", _warps(block)), enable_fp_fusion=False,
-            **pdl_options(y.device))
+            num_warps=(config or {}).get("num_warps", _warps(block)), LINES=span_lines(4 * group_size),
+            enable_fp_fusion=False, **pdl_options(y.device, "norm"))
     return out

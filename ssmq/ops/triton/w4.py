@@ -11,9 +11,13 @@ read as int8: `(b << 4) >> 4` and `b >> 4` (arithmetic shifts) are then the two 
 exact in fp16 and int8, so the per-group products are exact and each group's scale is applied to the
 product's fp32 sum (W4A16) or integer sum (W4A8) once.
 
-Prefill (many rows) of W4A8 is a tiled GEMM on the tensor cores (int8 products with int32 accumulation),
-one weight group (128 columns) per K step; W4A16 has the same GEMM (fp16 products with fp32 accumulation,
-fp32 products for fp32 x) but by default dequantizes the weights to x's dtype and runs cuBLAS.
+Prefill (many rows) of W4A8 splits the integer weights g * code into two int8 planes, 16 * hi + lo, sums x
+against both with cuBLAS's int8 GEMM (torch._int_mm, int32) and forms 16 * hi + lo in the epilogue kernel:
+the same integers as the GEMV, bit for bit (_w4a8_int_mm, from INT_MM_MIN_ROWS rows). Below that, and with
+config INT_MM=0, a tiled GEMM on the tensor cores (int8 products with int32 accumulation) takes one
+weight group (128 columns) per K step and scales each group's sum; W4A16 has the same GEMM (fp16 products
+with fp32 accumulation, fp32 products for fp32 x) but by default dequantizes the weights to x's dtype and
+runs cuBLAS.
 Decoding (a few rows) is a GEMV that streams several groups of several weight rows per step on the CUDA
 cores. W4A8 decoding reads the weights as int32 words of eight codes and multiplies them with dp4a: the
 low nibbles of a word, XOR 8, are four unsigned bytes code + 8 (columns 8q, 8q+2, 8q+4, 8q+6), the high
@@ -32,8 +36,8 @@ import triton
 import triton.language as tl
 
 from ssmq.ops.triton.common import (INTERPRETED, PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, let_next_start,
-                                    next_pow2, pdl_options, scale_mode, wait_for_inputs)
-from ssmq.ops.triton.linear import GEMV_MAX_ROWS, _dp4a, _epilogue, _words_aligned
+                                    next_pow2, pdl_options, prefetch_l2, scale_mode, wait_for_inputs)
+from ssmq.ops.triton.linear import GEMV_MAX_ROWS, _dp4a, _epilogue, _prefetch_gemv, _words_aligned
 
 _FLOATS = (torch.float16, torch.float32)  # bf16 x takes the reference (the interpreter cannot test it)
 
@@ -114,7 +118,8 @@ def _w4_gemv_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr
                     stride_xm, stride_wn, stride_gn, stride_om,
                     A8: tl.constexpr, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                     OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, FULL: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_G: tl.constexpr, HG: tl.constexpr, PDL: tl.constexpr):
+                    BLOCK_G: tl.constexpr, HG: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                    LINES: tl.constexpr):
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     gi = tl.arange(0, BLOCK_G)
@@ -122,6 +127,9 @@ def _w4_gemv_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr
     w_rows = w_ptr + (rn % N).to(tl.int64)[:, None, None] * stride_wn
     g_rows = gs_ptr + (rn % N).to(tl.int64)[:, None] * stride_gn
     x_row = x_ptr + m.to(tl.int64) * stride_xm
+    if PREFETCH:
+        _prefetch_w4(w_ptr, gs_ptr, rn, N, NG, HALF, stride_wn, stride_gn, ws_ptr, b_ptr, os_ptr, WS_MODE, HAS_BIAS,
+                     OUT_INT8, OS_MODE, LINES)
     wait_for_inputs(PDL, False)
     acc = tl.zeros((BLOCK_N,), dtype=tl.int32 if A8 else tl.float32)
     for g0 in range(0, NG, BLOCK_G):
@@ -178,10 +186,17 @@ else:
 
 
 @triton.jit
-def _prefetch_l2(ptrs):
-    """Ask for the 128-byte lines at `ptrs` to be brought into L2 (no value, no effect on results)."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
+def _prefetch_w4(w_ptr, gs_ptr, rn, N, NG, HALF, stride_wn, stride_gn, ws_ptr, b_ptr, os_ptr,
+                 WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr,
+                 LINES: tl.constexpr):
+    """prefetch_l2 of a GEMV program's packed weight rows, their group scales (first and last) and its
+    epilogue's per-channel operands (_prefetch_gemv)."""
+    _prefetch_gemv(w_ptr, rn, N, NG * HALF, stride_wn, ws_ptr, b_ptr, os_ptr, WS_MODE, HAS_BIAS, OUT_INT8, OS_MODE,
+                   LINES)
+    ends = tl.arange(0, 2) * (NG - 1)
+    gs_bytes = gs_ptr.dtype.element_ty.primitive_bitwidth // 8
+    prefetch_l2(gs_ptr.to(tl.pointer_type(tl.int8))
+                + (tl.minimum(rn, N - 1).to(tl.int64) * stride_gn)[:, None] * gs_bytes + ends[None, :] * gs_bytes)
 
 
 @triton.jit
@@ -190,14 +205,15 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
                            XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                            OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, FULL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HW: tl.constexpr, UNROLL: tl.constexpr,
-                           LINES: tl.constexpr, X_TILE: tl.constexpr, PDL: tl.constexpr):
+                           LINES: tl.constexpr, X_TILE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
     """The W4A8 GEMV on int32 words (see the module docstring): HALF bytes, so HALF / 4 words, per group (HW
     their power-of-two cover); K, the row strides and the pointers are multiples of 4 bytes (the launcher
     checks). Each word's exact sum times its group's scale is accumulated element-wise, as the W8A8 dp4a
     GEMV does, and reduced once at the end: no cross-thread sum per step (int32 sums are exact in any order).
     The group count and size are compile-time constants, so that the word loads vectorize and UNROLL steps
-    of the loop over K issue their loads together. With PDL the program's weight rows (LINES
-    128-byte lines each, a power-of-two cover) are prefetched into L2 while the kernel before finishes.
+    of the loop over K issue their loads together. With PREFETCH the program's weight rows (LINES
+    128-byte lines each, a power-of-two cover), group scales and epilogue operands are prefetched into L2
+    while the kernel before finishes (_prefetch_w4).
 
     X_TILE (the default loop, _dp4a_config; x's rows 8-byte aligned): x is read as 8-byte words in the
     weight tile's layout, so that x's values do not cross threads through shared memory in the loop (the
@@ -207,9 +223,9 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
     its scale."""
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PDL:
-        line = tl.minimum(tl.arange(0, LINES), (NG * HALF - 1) // 128)
-        _prefetch_l2(w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn + line[None, :] * 128)
+    if PREFETCH:
+        _prefetch_w4(w_ptr, gs_ptr, rn, N, NG, HALF, stride_wn, stride_gn, ws_ptr, b_ptr, os_ptr, WS_MODE, HAS_BIAS,
+                     OUT_INT8, OS_MODE, LINES)
     wait_for_inputs(PDL, False)
     gi = tl.arange(0, BLOCK_G)
     q = tl.arange(0, HW)
@@ -271,6 +287,89 @@ def _w4_dequant_kernel(w_ptr, s_ptr, out_ptr, N, K, GROUP, stride_wn, stride_sn,
              mask=(rn < N)[:, None] & (cols < K)[None, :])
 
 
+@triton.jit
+def _w4a8_planes_kernel(w_ptr, gs_ptr, out_ptr, N, K, GROUP, stride_wn, stride_gn,
+                        BLOCK_N: tl.constexpr, BLOCK_J: tl.constexpr):
+    """The W4A8 weights of rows 0..N-1 as two int8 planes (2N, K) for an int8 matmul with int32 sums: the
+    integer weight g * code (in [-1016, 1016]) is 16 * hi + lo with hi = w >> 4 in [-64, 63] (out's rows
+    0..N-1) and lo = w & 15 in [0, 15] (rows N..2N-1)."""
+    rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+    j = tl.program_id(1) * BLOCK_J + tl.arange(0, BLOCK_J)  # byte j: columns 2j and 2j + 1 (one group)
+    mask = (rn < N)[:, None] & (j < K // 2)[None, :]
+    lo, hi = _unpack(tl.load(w_ptr + rn.to(tl.int64)[:, None] * stride_wn + j[None, :], mask=mask, other=0))
+    g = tl.load(gs_ptr + rn.to(tl.int64)[:, None] * stride_gn + (2 * j // GROUP)[None, :], mask=mask, other=0)
+    codes = tl.reshape(tl.join(lo, hi), (BLOCK_N, 2 * BLOCK_J)).to(tl.int32)  # column 2j, then 2j + 1
+    w = codes * tl.reshape(tl.join(g, g), (BLOCK_N, 2 * BLOCK_J)).to(tl.int32)
+    cols = 2 * tl.program_id(1) * BLOCK_J + tl.arange(0, 2 * BLOCK_J)
+    store = (rn < N)[:, None] & (cols < K)[None, :]
+    rows = out_ptr + rn.to(tl.int64)[:, None] * K + cols[None, :]
+    tl.store(rows, (w >> 4).to(tl.int8), mask=store)
+    tl.store(rows + N * K, (w & 15).to(tl.int8), mask=store)
+
+
+@triton.jit
+def _w4a8_combine_kernel(acc_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, stride_am, stride_om,
+                         XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
+                         OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
+    """The W4A8 epilogue on the int32 sums (M, 2N) of x with the two planes: 16 * hi + lo (exact)."""
+    rm = tl.program_id(0) * BLOCK_M + tl.arange(0, BLOCK_M)
+    rn = tl.program_id(1) * BLOCK_N + tl.arange(0, BLOCK_N)
+    mask = (rm < M)[:, None] & (rn < N)[None, :]
+    sums = acc_ptr + rm.to(tl.int64)[:, None] * stride_am + rn[None, :]
+    acc = tl.load(sums, mask=mask, other=0) * 16 + tl.load(sums + N, mask=mask, other=0)
+    _epilogue(acc, rm[:, None], rn[None, :], M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr, XS_MODE,
+              WS_MODE, HAS_BIAS, OUT_INT8, OS_MODE)
+
+
+INT_MM_MIN_ROWS = 17
+"""From this many rows on (torch._int_mm's minimum on CUDA) W4A8 runs as int8 planes + cuBLAS (_w4a8_int_mm)."""
+INT_MM_ROWS = 4096
+INT_MM_BYTES = 256 << 20
+"""_w4a8_int_mm's chunks: about INT_MM_ROWS rows of x (balanced), and as many weight rows as keep the
+temporary memory (planes and int32 sums) under INT_MM_BYTES."""
+
+
+def _w4a8_int_mm(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, out: torch.Tensor,
+                 xs: torch.Tensor, ws: torch.Tensor, bias: torch.Tensor | None, os_: torch.Tensor | None,
+                 modes: tuple[int, int, int]) -> None:
+    """W4A8 for many rows (prefill): the weights of a chunk of rows become two int8 planes
+    (_w4a8_planes_kernel), torch._int_mm (cuBLAS's int8 tensor-core GEMM) sums x against both in int32,
+    and _w4a8_combine_kernel forms 16 * hi + lo, the integer the GEMV sums, and applies the epilogue: the
+    same int8 or float output, bit for bit. Chunks of rows and columns keep the temporary memory under
+    INT_MM_BYTES."""
+    m, k = x2.shape
+    n, n_groups = group_scale.shape
+    x2 = x2.contiguous()
+    m_parts = triton.cdiv(m, INT_MM_ROWS)
+    mc = triton.cdiv(m, m_parts)  # balanced row chunks, each above INT_MM_MIN_ROWS when m is
+    nc = max(64, INT_MM_BYTES // (2 * k + 8 * mc) // 64 * 64)
+    xs_mode, ws_mode, os_mode = modes
+    bias = bias.contiguous() if bias is not None else None
+    for n0 in range(0, n, nc):
+        cols = slice(n0, min(n, n0 + nc))
+        width = cols.stop - n0
+        planes = torch.empty(2 * width, k, device=x2.device, dtype=torch.int8)
+        _w4a8_planes_kernel[(triton.cdiv(width, 16), triton.cdiv(k // 2, 64))](
+            w_packed[cols].view(torch.int8), group_scale[cols], planes, width, k, k // n_groups, w_packed.stride(0),
+            group_scale.stride(0), BLOCK_N=16, BLOCK_J=64, num_warps=4)
+        for m0 in range(0, m, mc):
+            rows = slice(m0, min(m, m0 + mc))
+            acc = torch._int_mm(x2[rows], planes.t())
+            height = rows.stop - m0
+            part = out[rows, cols]
+            _w4a8_combine_kernel[(triton.cdiv(height, 64), triton.cdiv(width, 128))](
+                acc, part, _chunk(xs, xs_mode, rows, cols), _chunk(ws, ws_mode, rows, cols),
+                bias[cols] if bias is not None else acc, _chunk(os_, os_mode, rows, cols) if os_ is not None else acc,
+                height, width, acc.stride(0), part.stride(0), XS_MODE=xs_mode, WS_MODE=ws_mode,
+                HAS_BIAS=bias is not None, OUT_INT8=os_ is not None, OS_MODE=os_mode, BLOCK_M=64, BLOCK_N=128,
+                num_warps=4, enable_fp_fusion=False)
+
+
+def _chunk(scale: torch.Tensor, mode: int, rows: slice, cols: slice) -> torch.Tensor:
+    """A flat scale's entries for a chunk of rows and columns, by its scale_mode."""
+    return scale[rows] if mode == PER_ROW else scale[cols] if mode == PER_CHANNEL else scale
+
+
 def dequantize_w4a16(w_packed: torch.Tensor, w_scale: torch.Tensor, dtype: torch.dtype,
                      config: dict[str, int] | None = None) -> torch.Tensor:
     """The W4A16 weights (N, K) as `dtype` (code * scale in fp32, rounded once), for a cuBLAS matmul.
@@ -323,6 +422,11 @@ def _dp4a_config(n: int, n_groups: int) -> dict[str, int]:
     return dict(BLOCK_N=4, BLOCK_G=min(bg, next_pow2(n_groups)), num_warps=4, UNROLL=1, X_TILE=1)
 
 
+DP4A_TUNED: dict[tuple[int, int], dict[str, int]] = {}
+"""W4A8 GEMV tiles by (N, K) that replace _dp4a_config's choice, for the process that sets them (benchmarks
+compare tiles inside whole-model decoding with it)."""
+
+
 def _words_ready(x2: torch.Tensor, w_packed: torch.Tensor, n_groups: int) -> bool:
     """Whether x's rows and the packed weights can be read as int32 words (linear._words_aligned), whole
     words per group (8 codes each)."""
@@ -346,9 +450,13 @@ def _launch(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor,
                  OS_MODE=modes[2], enable_fp_fusion=False)
     cfg = dict(config or {})
     words = cfg.pop("WORDS", 1)  # 0: the W4A8 GEMV on bytes, not int32 words (benchmarks compare the two)
+    if a8 and m >= INT_MM_MIN_ROWS and cfg.pop("INT_MM", 1) and k % 8 == 0 and n % 4 == 0:
+        _w4a8_int_mm(x2, w_packed, group_scale, out, xs, ws, bias, os_, modes)  # INT_MM=0: the tiled GEMM
+        return
+    cfg.pop("INT_MM", None)
     if m <= GEMV_MAX_ROWS and a8 and words and _words_ready(x2, w_packed, n_groups):
         hw = max(2, next_pow2(half // 4))
-        cfg = {**_dp4a_config(n, n_groups), **pdl_options(x2.device), **cfg}
+        cfg = {**_dp4a_config(n, n_groups), **DP4A_TUNED.get((n, k), {}), **pdl_options(x2.device, "gemv"), **cfg}
         if x2.data_ptr() % 8 or x2.stride(0) % 8:  # X_TILE reads x as 8-byte words
             cfg["X_TILE"] = 0
         _w4a8_gemv_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](
@@ -356,8 +464,9 @@ def _launch(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor,
         return
     flags.update(A8=a8, FULL=hg == half)
     if m <= GEMV_MAX_ROWS:
-        cfg = {**_gemv_config(n, n_groups, hg), **pdl_options(x2.device), **cfg}
-        _w4_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, HG=hg, **cfg)
+        cfg = {**_gemv_config(n, n_groups, hg), **pdl_options(x2.device, "gemv"), **cfg}
+        _w4_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, HG=hg,
+                                                             LINES=next_pow2(triton.cdiv(n_groups * half, 128)), **cfg)
     else:
         cfg = {**_gemm_config(m, n, x2.element_size()), **cfg}
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
@@ -409,7 +518,8 @@ def w4a8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor
                 out_scale: torch.Tensor | None = None, config: dict[str, int] | None = None) -> torch.Tensor | None:
     """W4A8 linear of int8 x_q (..., K) with packed weights (N, K/2), per-row fp32 scales w_scale (N,) (or
     0-d) and integer group scales (N, K/group); float out_dtype, or int8 when out_scale is given. Scales
-    are validated fp32 tensors (x: 0-d or per row). None when a layout is one the kernels don't take."""
+    are validated fp32 tensors (x: 0-d or per row). `config` overrides the tiles (INT_MM=0: the tiled GEMM
+    instead of the int8 planes for many rows). None when a layout is one the kernels don't take."""
     ops = _operands(x_q, w_packed, group_scale)
     if ops is None or group_scale.dtype.is_floating_point:
         return None
