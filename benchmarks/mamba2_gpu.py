@@ -4,7 +4,8 @@ their reference ops at mamba2-2.7b shapes, then timed side by side with fp16 and
   m2checks  ssd_scan fp16 and int8_ssd_scan (grouped scales) prefill of 2048 tokens with an initial state,
             and their decoding steps (batch 16, static state updated in place); the gated RMSNorm (fp16
             prefill at 2.7b, fp32 batch 16 at 8b with 8 groups); W4A16 / W4A8 linear on
-            in_proj (2560 -> 10576) and out_proj (5120 -> 2560) at M = 1 (GEMV), 16 and 2048 (GEMM)
+            in_proj (2560 -> 10576) and out_proj (5120 -> 2560) at M = 1 (GEMV), 16 and 2048 (GEMM); in_proj's
+            decoding GEMV with the conv step in its epilogue (batch 2) against the two reference ops
   m2time    median us (each from a CUDA graph of many calls, so without the host's launch cost; weights
             cycled through copies so that L2 does not hold them) of fp16 cuBLAS / W8A8 / W4A16 / W4A8 for
             those projections at M = 1 and 2048 and for the mamba2-8b projections and lm_head at M = 1 (with
@@ -24,7 +25,7 @@ from collections.abc import Callable
 
 import torch
 
-from ssmq.ops import dispatch, hadamard, int4_linear, int8_scan, norm, quantize, scan
+from ssmq.ops import dispatch, hadamard, int4_linear, int8_conv, int8_scan, norm, quantize, scan
 from ssmq.ops.int4 import pack_int4
 
 # mamba2-2.7b: d_model 2560, expand 2, headdim 64, d_state 128, ngroups 1; mamba2-8b-like: d_model 4096, ngroups 8
@@ -190,6 +191,29 @@ def checks(ck, mode: str, budget_s: float) -> list[dict]:
                                   config={"X_TILE": xt}),
                               lambda xq=xq, xs=xs, w=w, bias=bias, os_=out_scale: int4_linear.w4a8_linear(
                                   xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_)))
+    # in_proj's decoding GEMV with the conv step in its epilogue, against the reference projection then conv
+    nout, k, start = in_proj_dim(d), d["d_model"], d["d_inner"]
+    channels = d["d_inner"] + 2 * d["ngroups"] * d["d_state"]
+    w = _random_int4(nout, k, dev, gen)
+    xq = torch.randint(-128, 128, (2, 1, k), device=dev, generator=gen, dtype=torch.int8)
+    xs = torch.rand(2, 1, 1, device=dev, generator=gen) * 0.02 + 1e-3
+    os_ = torch.rand(nout, device=dev, generator=gen) * 0.02 + 0.005
+    cw = torch.randint(-127, 128, (channels, 4), device=dev, generator=gen, dtype=torch.int8)
+    cws, cos = (torch.rand(channels, device=dev, generator=gen) * 0.01 + 1e-3 for _ in range(2))
+    cb = torch.randn(channels, device=dev, generator=gen)
+    cstate = torch.randint(-128, 128, (2, 3, channels), device=dev, generator=gen, dtype=torch.int8)
+
+    def fused() -> tuple:
+        return dispatch.w4a8_linear_conv_step(xq, xs, w["packed"], w["s_c"], w["g"], None, os_, start, cw, cws, cb,
+                                              cos, dispatch.mark_static_state(cstate.clone()))
+
+    def apart() -> tuple:
+        proj = int4_linear.w4a8_linear(xq, xs, w["packed"], w["s_c"], w["g"], None, out_scale=os_)
+        return (proj, *int8_conv.int8_causal_conv1d_silu(proj[..., start:start + channels], os_[start:start + channels],
+                                                          cw, cws, cb, cos, cstate.clone()))
+
+    cases.append(("w4a8_linear_conv_step (in_proj + conv step)", f"B=2 N={nout} K={k} conv {channels}", fused,
+                  apart))
     for name, shp, kernel, reference in cases:
         if mode == "compile":
             kernel()

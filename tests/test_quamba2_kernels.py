@@ -63,3 +63,42 @@ def test_grouped_w8a8_mamba2_runs_on_the_kernels(monkeypatch):
     assert calls["hadamard.gated_norm_hadamard"] == [True, False]
     assert calls["norm.gated_rms_norm"] == [True] and calls["hadamard.hadamard"] == [True]
     assert (routed - reference).norm() / reference.norm() < 2e-2
+
+
+@torch.no_grad()
+def test_w4a8_decoding_step_runs_in_proj_and_conv_in_one_kernel(monkeypatch):
+    """A quamba2-w4a8 decoding step on the kernel route: in_proj's GEMV runs the conv step in its epilogue
+    (no conv kernel for the step), with logits and cache states bit-identical to the same route run as
+    two kernels, which a hook on `in_proj.x` forces (a hook must see the value between them)."""
+    from ssmq.ops.triton import conv as kernels_conv
+    from ssmq.ops.triton import w4 as kernels_w4
+
+    from ssmq.bench.models import random_quantized_model
+
+    cfg = tiny_config("mamba2", n_layer=1)
+    qm = random_quantized_model(cfg, "cpu", "quamba2-w4a8", seed=3)
+    ids = random_ids(cfg.vocab_size, (2, 6), seed=7)
+    monkeypatch.setattr(dispatch, "uses_kernels", lambda *tensors: True)
+    calls: dict[str, list] = {"fused": [], "conv steps": []}
+    fused, conv1d = kernels_w4.w4a8_linear_conv_step, kernels_conv.conv1d
+    monkeypatch.setattr(kernels_w4, "w4a8_linear_conv_step",
+                        lambda *a, **kw: calls["fused"].append(fused(*a, **kw)) or calls["fused"][-1])
+    monkeypatch.setattr(kernels_conv, "conv1d",
+                        lambda x, *a, **kw: calls["conv steps"].append(x.shape[1] == 1) or conv1d(x, *a, **kw))
+
+    def decode() -> tuple[torch.Tensor, list[torch.Tensor]]:
+        cache = qm.new_cache()
+        logits = [qm(ids[:, :4], cache)]
+        for t in (4, 5):
+            logits.append(qm(ids[:, t:t + 1], cache))
+        return torch.cat(logits, dim=1), [s.codes if hasattr(s, "codes") else s for s in cache.conv + cache.ssm]
+
+    logits, states = decode()
+    assert len(calls["fused"]) == 2 * cfg.n_layer and all(out is not None for out in calls["fused"])
+    assert not any(calls["conv steps"])  # the prefill's conv kernel only
+    calls["fused"].clear()
+    with qm.taps.hooked("layers.*.in_proj.x", lambda name, x: None):
+        apart, apart_states = decode()
+    assert not calls["fused"] and sum(calls["conv steps"]) == 2 * cfg.n_layer
+    assert torch.equal(logits, apart)
+    assert all(torch.equal(a, b) for a, b in zip(states, apart_states))

@@ -162,6 +162,39 @@ def test_w4a8_many_rows_int8_planes_and_tiled_gemm(int_mm, monkeypatch):
     assert out.dtype == torch.int8 and int(out.max()) == 127 and int(out.min()) == -128  # saturation exercised
 
 
+@pytest.mark.parametrize("inplace", [False, True])
+def test_w4a8_linear_conv_step_is_the_projection_then_the_conv(inplace):
+    """The in_proj GEMV with the conv step in its epilogue: the same codes, conv codes and state, bit for
+    bit, as the reference projection followed by the reference conv on its channels start .. start + C;
+    per-channel and per-tensor scales, a conv bias or none, two sequences."""
+    from ssmq.ops import int8_conv
+
+    g = torch.Generator().manual_seed(21)
+    n, k, start, channels, kw = 40, 256, 8, 24, 4
+    codes, s_c, gs = quantize_int4_two_level(weights(n, k, seed=21))
+    packed, bias = pack_int4(codes), torch.randn(n, generator=g)
+    x = torch.randint(-128, 128, (2, 1, k), generator=g, dtype=torch.int8)
+    per_token = torch.rand(2, 1, 1, generator=g) * 0.01 + 1e-3
+    conv_w = torch.randint(-127, 128, (channels, kw), generator=g, dtype=torch.int8)
+    for out_scale, conv_ws, conv_os, conv_bias in (
+            (torch.rand(n, generator=g) * 0.1 + 0.02, torch.rand(channels, generator=g) * 0.01 + 1e-3,
+             torch.rand(channels, generator=g) * 0.05 + 0.01, torch.randn(channels, generator=g)),
+            (torch.tensor(0.05), torch.tensor(0.004), torch.tensor(0.03), None)):
+        state = torch.randint(-128, 128, (2, kw - 1, channels), generator=g, dtype=torch.int8)
+        proj = ref.w4a8_linear(x, per_token, packed, s_c, gs, bias, out_scale=out_scale)
+        seg_scale = out_scale[start:start + channels] if out_scale.dim() else out_scale
+        conv, new_state = int8_conv.int8_causal_conv1d_silu(proj[..., start:start + channels], seg_scale, conv_w,
+                                                            conv_ws, conv_bias, conv_os, state)
+        held = state.clone()
+        out = w4.w4a8_linear_conv_step(x, per_token, packed, s_c, gs, bias, out_scale, start, conv_w, conv_ws,
+                                       conv_bias, conv_os, state, inplace=inplace, config=dict(BLOCK_N=8))
+        assert out is not None
+        assert torch.equal(out[0], proj) and torch.equal(out[1], conv) and torch.equal(out[2], new_state)
+        assert (out[2] is state) == inplace and torch.equal(state, new_state if inplace else held)
+    assert w4.w4a8_linear_conv_step(x, per_token, packed, s_c, gs, bias, out_scale, 4, conv_w, conv_ws, conv_bias,
+                                    conv_os, state, config=dict(BLOCK_N=8)) is None  # not whole programs
+
+
 def test_strided_rows_and_unknown_layouts():
     codes, s_c, gs = quantize_int4_two_level(weights(8, 128, seed=3))
     x = torch.randint(-128, 128, (1, 2, 256), dtype=torch.int8)[..., :128]  # a view with a row stride of 256

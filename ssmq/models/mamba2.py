@@ -1,5 +1,6 @@
 """The Mamba2 mixer: in_proj split into z, x, B, C, dt -> conv1d + SiLU on x|B|C -> chunked SSD scan
--> gated group-wise RMSNorm -> out_proj. Written once; precision is what the taps and submodules carry.
+-> gated group-wise RMSNorm -> out_proj. Written once; precision is what the taps and submodules carry
+(a quantized in_proj may run the conv's decoding step in its own kernel: Mamba2Mixer._project).
 """
 
 from __future__ import annotations
@@ -11,7 +12,7 @@ from ssmq.models.cache import MambaCache
 from ssmq.models.config import MambaConfig
 from ssmq.models.layers import CausalConv1d, Decay, GatedRMSNorm, SSDScan
 from ssmq.models.taps import Taps
-from ssmq.ops.qtensor import cat_channels
+from ssmq.ops.qtensor import QTensor, cat_channels
 
 
 class Mamba2Mixer(nn.Module):
@@ -37,10 +38,14 @@ class Mamba2Mixer(nn.Module):
         """hidden: (batch, length, d_model), the tapped norm output. Updates `cache` in place."""
         tap, p = self.taps, self.prefix
         batch, length, _ = hidden.shape
-        z, x, B, C, dt = self.in_proj(hidden).split(self.splits, dim=-1)
+        conv_state = cache.conv[self.layer] if cache else None
+        projected, convolved = self._project(hidden, conv_state)
+        z, x, B, C, dt = projected.split(self.splits, dim=-1)
         z, x = tap(p + "in_proj.z", z), tap(p + "in_proj.x", x)
         B, C, dt = tap(p + "in_proj.B", B), tap(p + "in_proj.C", C), tap(p + "in_proj.dt", dt)
-        xBC, conv_state = self.conv1d(cat_channels([x, B, C]), cache.conv[self.layer] if cache else None)
+        if convolved is None:
+            convolved = self.conv1d(cat_channels([x, B, C]), conv_state)
+        xBC, conv_state = convolved
         x, B, C = xBC.split(self.splits[1:4], dim=-1)
         x, B, C = tap(p + "conv.x", x), tap(p + "conv.B", B), tap(p + "conv.C", C)
         A = self.decay(self.A_log)
@@ -54,3 +59,17 @@ class Mamba2Mixer(nn.Module):
         y = tap(p + "ssm.y", y.reshape(batch, length, self.d_inner))
         y = tap(p + "out_proj.in", self.out_rotation(self.norm(y, z)))
         return self.out_proj(y)
+
+    def _project(self, hidden: torch.Tensor | QTensor, conv_state: torch.Tensor | None
+                 ) -> tuple[torch.Tensor | QTensor, tuple[torch.Tensor | QTensor, torch.Tensor] | None]:
+        """(in_proj output, None), or (in_proj output, (conv output, new conv state)) where in_proj runs the
+        conv's one-token step in its own op (a quantized decoding step: project_and_convolve) and no hook
+        could see or replace the x, B, C values between the two (their taps are still called, on the
+        projection's output, which holds them)."""
+        joint = getattr(self.in_proj, "project_and_convolve", None)
+        if joint is not None and hidden.shape[1] == 1 and conv_state is not None and not any(
+                self.taps.has_hook(self.prefix + name) for name in ("in_proj.x", "in_proj.B", "in_proj.C")):
+            out = joint(hidden, self.conv1d, conv_state, self.splits[0])
+            if out is not None:
+                return out
+        return self.in_proj(hidden), None

@@ -3,8 +3,9 @@ CUDA tensors and Triton is importable, and the reference op (the specification) 
 
 Same names and signatures as the reference ops, so a module switches by importing from here. The
 choice depends only on the data (device, dtypes, scale layouts): a layout no kernel takes falls back to
-the reference, never to an error. Three fused ops have no single reference function; each is defined
-here by its reference composition (`causal_conv1d_silu`, `add_rms_norm`, `hadamard_quantize`).
+the reference, never to an error. Some fused ops have no single reference function; each is defined
+here by its reference composition (`causal_conv1d_silu`, `add_rms_norm`, `hadamard_quantize`,
+`gated_norm_hadamard_quantize`, `w4a8_linear_conv_step`).
 
 Decode caches: an op that updates a state (`causal_conv1d`, `int8_causal_conv1d[_silu]`,
 `selective_scan`, `int8_selective_scan`, `ssd_scan`, `int8_ssd_scan`) writes the new state over the old
@@ -49,7 +50,8 @@ __all__ = [
     "gated_norm_hadamard_quantize", "gated_rms_norm", "hadamard_quantize", "hadamard_transform", "int4_embedding",
     "int8_add_rms_norm", "int8_causal_conv1d", "int8_causal_conv1d_silu", "int8_embedding", "int8_lm_head",
     "int8_linear", "int8_selective_scan", "int8_ssd_scan", "mark_static_state", "quantize", "rms_norm",
-    "selective_scan", "ssd_scan", "uses_kernels", "w4a16_linear", "w4a8_linear", "weight_only_linear",
+    "selective_scan", "ssd_scan", "uses_kernels", "w4a16_linear", "w4a8_linear", "w4a8_linear_conv_step",
+    "weight_only_linear",
 ]
 
 # reference ops with no kernel yet (dequantize, the int8 lm_head, W8A16): the dispatch is the identity
@@ -420,3 +422,36 @@ def w4a8_linear(x_q: torch.Tensor, x_scale: ScaleLike, w_packed: torch.Tensor, w
         if out is not None:
             return out
     return _int4_linear.w4a8_linear(x_q, x_scale, w_packed, w_scale, group_scale, bias, out_dtype, out_scale)
+
+
+def w4a8_linear_conv_step(x_q: torch.Tensor, x_scale: ScaleLike, w_packed: torch.Tensor, w_scale: ScaleLike,
+                          group_scale: torch.Tensor, bias: torch.Tensor | None, out_scale: ScaleLike, start: int,
+                          conv_w: torch.Tensor, conv_w_scale: ScaleLike, conv_bias: torch.Tensor | None,
+                          conv_out_scale: ScaleLike, state: torch.Tensor
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """A one-token W4A8 projection feeding a causal conv step (Mamba2's in_proj into conv1d), defined as
+    codes = w4a8_linear(x_q, ..., out_scale=out_scale) followed by
+    int8_causal_conv1d_silu(codes[..., start:start + C], out_scale there, conv_w (C, k), conv_w_scale,
+    conv_bias, conv_out_scale, state); returns (codes, conv codes, new state). One GPU kernel runs both
+    (the projection's programs over those channels run the conv in their epilogue), updating a static
+    state in place."""
+    channels = conv_w.shape[0]
+    if (uses_kernels(x_q, w_packed, group_scale, conv_w, state) and x_q.shape[-1] <= _int4_linear.MAX_K_W4A8
+            and state.dtype == torch.int8):
+        check_int8(x_q, "x_q")
+        check_int8(conv_w, "conv weight")
+        _check_once(group_scale, "group_scale", _int4.check_group_scale)
+        dev = x_q.device
+        out = _k().w4.w4a8_linear_conv_step(
+            x_q, _scale(x_scale, "x_scale", dev), w_packed, _scale(w_scale, "w_scale", dev), group_scale, bias,
+            _scale(out_scale, "out_scale", dev), start, conv_w, _scale(conv_w_scale, "conv w_scale", dev),
+            conv_bias, _scale(conv_out_scale, "conv out_scale", dev), state, inplace=_inplace(state))
+        if out is not None:
+            return out
+    codes = w4a8_linear(x_q, x_scale, w_packed, w_scale, group_scale, bias, out_scale=out_scale)
+    scale = torch.as_tensor(out_scale)
+    if scale.dim() and scale.shape[-1] == codes.shape[-1] > 1:
+        scale = scale[..., start:start + channels]
+    conv, new_state = int8_causal_conv1d_silu(codes[..., start:start + channels], scale, conv_w, conv_w_scale,
+                                              conv_bias, conv_out_scale, state)
+    return codes, conv, new_state

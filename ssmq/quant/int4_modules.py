@@ -21,7 +21,7 @@ from ssmq.ops import dispatch
 from ssmq.ops.int4 import GROUP_SCALE_DTYPE, group_size_for, pack_int4
 from ssmq.ops.qtensor import QTensor
 from ssmq.quant.gptq import W4A8, W4A16, Int4Weights, rtn
-from ssmq.quant.modules import ActQuant, _as_codes
+from ssmq.quant.modules import ActQuant, QuantCausalConv1d, _as_codes
 
 
 class _Int4Linear(nn.Module):
@@ -102,6 +102,24 @@ class W4A8Linear(_Int4Linear):
         y = dispatch.w4a8_linear(x.codes, x.scale, self.weight, self.weight_scale, self.group_scale, bias,
                                  out_dtype=torch.float32)
         return self.out(y)
+
+    def project_and_convolve(self, x: QTensor | torch.Tensor, conv: nn.Module, state: torch.Tensor, start: int
+                             ) -> tuple[QTensor, tuple[QTensor, torch.Tensor]] | None:
+        """This projection with `conv`'s one-token step on its output channels start .. start + C (Mamba2's
+        in_proj into conv1d) as one op, dispatch.w4a8_linear_conv_step: (output, (conv output, new
+        state)), the same values as forward() then conv(output channels, state). None where they must
+        run apart: a dynamic output scale, or a conv that cannot run inside another op (step_operands)."""
+        operands = conv.step_operands() if isinstance(conv, QuantCausalConv1d) else None
+        if operands is None or self.out is None or not self.out.static:
+            return None
+        x = _as_codes(x, self.inp)
+        bias = None if self.bias is None else self.bias.float()
+        scale = self.out.scale_for(x.codes)
+        weight, w_scale, conv_bias, conv_scale = operands
+        codes, conv_codes, new_state = dispatch.w4a8_linear_conv_step(
+            x.codes, x.scale, self.weight, self.weight_scale, self.group_scale, bias, scale, start, weight, w_scale,
+            conv_bias, conv_scale, state)
+        return QTensor(codes, scale), (QTensor(conv_codes, conv_scale), new_state)
 
 
 class Int4Embedding(nn.Module):

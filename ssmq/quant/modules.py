@@ -133,6 +133,16 @@ class QuantCausalConv1d(nn.Module):
             self.bias.copy_(bias.float())
         return self
 
+    def step_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
+        """(weight codes (C, k), weight scale, fp32 bias, output scale) for a producer that runs this conv's
+        one-token step inside its own op (W4A8Linear.project_and_convolve); None where the conv must run
+        itself: dynamic scales, or a hook on `conv.pre_act`, which must see the pre-activation."""
+        if not self.out.static or self.taps.has_hook(self.pre_act_tap):
+            return None
+        bias = None if self.bias is None else self.bias.float()
+        w_scale = self.weight_scale if self.weight_scale.numel() > 1 else self.weight_scale[0]
+        return self.weight[:, 0], w_scale, bias, self.out.scale_for(self.weight)
+
     def forward(self, x: QTensor, state: torch.Tensor | None) -> tuple[QTensor, torch.Tensor]:
         """Static scales: int8 conv on the codes, state = int8 codes; conv, SiLU and quantization are one
         fused op unless a hook listens on `conv.pre_act`. Dynamic (per-token input scales): the codes are

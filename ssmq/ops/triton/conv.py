@@ -98,8 +98,6 @@ def _conv_step_kernel(x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, ns_ptr, xs_ptr, ws_pt
     c0 = tl.program_id(0) * BLOCK_C
     c = c0 + tl.arange(0, BLOCK_C)
     cmask = c < C
-    i = tl.arange(0, KWP)
-    rows = (i < KW - 1)[:, None] & cmask[None, :]
     if PREFETCH:  # everything but x: the channels' weights, bias, scales and state (LINES covers each span)
         n = tl.minimum(C - c0, BLOCK_C)
         prefetch_span(w_ptr + c0 * stride_wc, n * stride_wc * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
@@ -116,25 +114,42 @@ def _conv_step_kernel(x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, ns_ptr, xs_ptr, ws_pt
                 prefetch_span(s_ptr + b * stride_sb + j * stride_sl + c0,
                               n * (s_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
     wait_for_inputs(PDL)
+    x = tl.load(x_ptr + b * stride_xb + c, mask=cmask, other=0)
+    conv_step_channels(x, c, cmask, w_ptr, b_ptr, s_ptr + b * stride_sb, out_ptr + b * C, ns_ptr + b * stride_nb,
+                       xs_ptr, ws_ptr, os_ptr, stride_wc, stride_sl, stride_nl, KW, KWP, HAS_STATE, IS_INT, XS_MODE,
+                       WS_MODE, OS_MODE, HAS_BIAS, OUT)
+
+
+@triton.jit
+def conv_step_channels(x, c, cmask, w_ptr, b_ptr, s_ptr, out_ptr, ns_ptr, xs_ptr, ws_ptr, os_ptr, stride_wc,
+                       stride_sl, stride_nl, KW: tl.constexpr, KWP: tl.constexpr, HAS_STATE: tl.constexpr,
+                       IS_INT: tl.constexpr, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, OS_MODE: tl.constexpr,
+                       HAS_BIAS: tl.constexpr, OUT: tl.constexpr):
+    """One token of the conv for channels c (a vector) of one sequence, whose new inputs x the caller holds:
+    stores the output at out_ptr + c and the new state (the last k-1 inputs) at ns_ptr + j * stride_nl + c,
+    which may be the old one at s_ptr (each program reads its channels' state before a barrier, then
+    writes them). The conv step kernel runs it, and the W4A8 GEMV in the epilogue of an in_proj whose
+    output channels are the conv's inputs (ssmq.ops.triton.w4.w4a8_linear_conv_step)."""
+    i = tl.arange(0, KWP)
+    rows = (i < KW - 1)[:, None] & cmask[None, :]
     w_last = tl.load(w_ptr + c * stride_wc + (KW - 1), mask=cmask, other=0)
     w_prev = tl.load(w_ptr + c[None, :] * stride_wc + i[:, None], mask=rows, other=0)
-    x = tl.load(x_ptr + b * stride_xb + c, mask=cmask, other=0)
     if HAS_STATE:
-        s_rows = s_ptr + b * stride_sb + c[None, :]
+        s_rows = s_ptr + c[None, :]
         state = tl.load(s_rows + i[:, None] * stride_sl, mask=rows, other=0)
         shifted = tl.load(s_rows + (i + 1)[:, None] * stride_sl, mask=((i + 1) < KW - 1)[:, None] & rows, other=0)
     else:
-        state = tl.zeros((KWP, BLOCK_C), dtype=x.dtype)
+        state = tl.zeros(rows.shape, dtype=x.dtype)
         shifted = state
     if IS_INT:
         acc = tl.sum(state.to(tl.int32) * w_prev.to(tl.int32), axis=0) + x.to(tl.int32) * w_last.to(tl.int32)
     else:
         acc = tl.sum(state.to(tl.float32) * w_prev.to(tl.float32), axis=0) + x.to(tl.float32) * w_last.to(tl.float32)
     v = _conv_epilogue(acc, c, cmask, b_ptr, xs_ptr, ws_ptr, os_ptr, IS_INT, XS_MODE, WS_MODE, OS_MODE, HAS_BIAS, OUT)
-    tl.store(out_ptr + b * C + c, v.to(out_ptr.dtype.element_ty), mask=cmask)
+    tl.store(out_ptr + c, v.to(out_ptr.dtype.element_ty), mask=cmask)
     new_state = tl.where((i == KW - 2)[:, None], x[None, :], shifted)
     tl.debug_barrier()  # every read of the old state is done before the (possibly in-place) write
-    tl.store(ns_ptr + b * stride_nb + i[:, None] * stride_nl + c[None, :], new_state, mask=rows)
+    tl.store(ns_ptr + i[:, None] * stride_nl + c[None, :], new_state, mask=rows)
 
 
 def _channels_last(t: torch.Tensor) -> torch.Tensor:

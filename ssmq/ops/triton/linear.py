@@ -28,7 +28,8 @@ GEMV_MAX_ROWS = 4  # up to this many rows the weight-streaming GEMV beats a tens
 def _epilogue(acc, rows, cols, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr,
               XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
               OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr):
-    """Rescale an int32 accumulator tile at (rows, cols) and store it (float, or requantized int8)."""
+    """Rescale an int32 accumulator tile at (rows, cols) and store it (float, or requantized int8); returns
+    what it stored."""
     mask = (rows < M) & (cols < N)
     xs = load_scale(xs_ptr, XS_MODE, rows, cols, mask)
     ws = load_scale(ws_ptr, WS_MODE, rows, cols, mask)
@@ -37,9 +38,11 @@ def _epilogue(acc, rows, cols, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, 
         v = v + tl.load(b_ptr + cols, mask=cols < N, other=0.0).to(tl.float32)
     ptrs = out_ptr + rows.to(tl.int64) * stride_om + cols
     if OUT_INT8:
-        tl.store(ptrs, quantize_rn(v, load_scale(os_ptr, OS_MODE, rows, cols, mask)), mask=mask)
+        out = quantize_rn(v, load_scale(os_ptr, OS_MODE, rows, cols, mask))
     else:
-        tl.store(ptrs, v.to(out_ptr.dtype.element_ty), mask=mask)
+        out = v.to(out_ptr.dtype.element_ty)
+    tl.store(ptrs, out, mask=mask)
+    return out
 
 
 @triton.jit

@@ -37,6 +37,7 @@ import triton.language as tl
 
 from ssmq.ops.triton.common import (INTERPRETED, PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, let_next_start,
                                     next_pow2, pdl_options, prefetch_l2, scale_mode, wait_for_inputs)
+from ssmq.ops.triton.conv import conv_step_channels
 from ssmq.ops.triton.linear import GEMV_MAX_ROWS, _dp4a, _epilogue, _prefetch_gemv, _words_aligned
 
 _FLOATS = (torch.float16, torch.float32)  # bf16 x takes the reference (the interpreter cannot test it)
@@ -205,7 +206,11 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
                            XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                            OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, FULL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HW: tl.constexpr, UNROLL: tl.constexpr,
-                           LINES: tl.constexpr, X_TILE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr):
+                           LINES: tl.constexpr, X_TILE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
+                           cw_ptr, cb_ptr, cws_ptr, cos_ptr, cs_ptr, cns_ptr, cout_ptr, CONV_START, CONV_C,
+                           stride_cwc, stride_csb, stride_csl, stride_cnb, stride_cnl, stride_cob,
+                           CONV: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, C_WS_MODE: tl.constexpr,
+                           C_OS_MODE: tl.constexpr, C_HAS_BIAS: tl.constexpr):
     """The W4A8 GEMV on int32 words (see the module docstring): HALF bytes, so HALF / 4 words, per group (HW
     their power-of-two cover); K, the row strides and the pointers are multiples of 4 bytes (the launcher
     checks). Each word's exact sum times its group's scale is accumulated element-wise, as the W8A8 dp4a
@@ -220,7 +225,11 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
     other loop's do: 8 barriers per step in its sm_90 PTX, 2 with X_TILE), and the codes' bytes are regrouped
     instead of x's (_codes_x16: 16 * code as int8 lanes in column order), so dp4a takes x's words as they
     are and no x sums are needed: each group's sum is 16 times the exact one, shifted back (exactly) before
-    its scale."""
+    its scale.
+
+    CONV: output channels CONV_START .. CONV_START + CONV_C (whole programs) are the int8 inputs of a causal
+    conv step (c* pointers: its weights, bias, scales, state, new state and output; w4a8_linear_conv_step),
+    which their programs run on the codes they just stored (conv.conv_step_channels)."""
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     if PREFETCH:
@@ -267,8 +276,20 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
             acc += (d - xsum8[None, :, :]) * g[:, :, None]  # each word's exact sum, times its group's scale
     let_next_start(PDL)
     total = tl.sum(acc, axis=1) if X_TILE else tl.sum(tl.sum(acc, axis=2), axis=1)
-    _epilogue(total, m, rn, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr, XS_MODE, WS_MODE, HAS_BIAS,
-              OUT_INT8, OS_MODE)
+    codes = _epilogue(total, m, rn, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, os_ptr, XS_MODE, WS_MODE,
+                      HAS_BIAS, OUT_INT8, OS_MODE)
+    if CONV:
+        first = tl.program_id(0) * BLOCK_N
+        if (first >= CONV_START) & (first < CONV_START + CONV_C):
+            c = rn - CONV_START
+            row = m.to(tl.int64)
+            cxs_ptr = os_ptr  # the conv's input scale is this output's scale
+            if OS_MODE == 1:
+                cxs_ptr = os_ptr + CONV_START
+            conv_step_channels(codes, c, c < CONV_C, cw_ptr, cb_ptr, cs_ptr + row * stride_csb,
+                               cout_ptr + row * stride_cob, cns_ptr + row * stride_cnb, cxs_ptr, cws_ptr, cos_ptr,
+                               stride_cwc, stride_csl, stride_cnl, KW, KWP, True, True, OS_MODE, C_WS_MODE,
+                               C_OS_MODE, C_HAS_BIAS, 2)
 
 
 @triton.jit
@@ -427,6 +448,11 @@ DP4A_TUNED: dict[tuple[int, int], dict[str, int]] = {}
 compare tiles inside whole-model decoding with it)."""
 
 
+def dp4a_tiles(n: int, k: int, n_groups: int) -> dict[str, int]:
+    """The W4A8 dp4a GEMV's tiles for an (n, k) weight: _dp4a_config's, or DP4A_TUNED's."""
+    return {**_dp4a_config(n, n_groups), **DP4A_TUNED.get((n, k), {})}
+
+
 def _words_ready(x2: torch.Tensor, w_packed: torch.Tensor, n_groups: int) -> bool:
     """Whether x's rows and the packed weights can be read as int32 words (linear._words_aligned), whole
     words per group (8 codes each)."""
@@ -434,9 +460,25 @@ def _words_ready(x2: torch.Tensor, w_packed: torch.Tensor, n_groups: int) -> boo
     return k % 8 == 0 and (k // n_groups) % 8 == 0 and _words_aligned(x2, w_packed)
 
 
+def _no_conv(dummy: torch.Tensor) -> dict:
+    """The dp4a GEMV's conv-step arguments when it runs none."""
+    return dict(cw_ptr=dummy, cb_ptr=dummy, cws_ptr=dummy, cos_ptr=dummy, cs_ptr=dummy, cns_ptr=dummy,
+                cout_ptr=dummy, CONV_START=0, CONV_C=0, stride_cwc=0, stride_csb=0, stride_csl=0, stride_cnb=0,
+                stride_cnl=0, stride_cob=0, CONV=False, KW=1, KWP=1, C_WS_MODE=PER_TENSOR, C_OS_MODE=PER_TENSOR,
+                C_HAS_BIAS=False)
+
+
+def _dp4a_ready(x2: torch.Tensor, w_packed: torch.Tensor, n_groups: int) -> bool:
+    """Whether the W4A8 GEMV on int32 words takes x2's rows."""
+    return x2.shape[0] <= GEMV_MAX_ROWS and _words_ready(x2, w_packed, n_groups)
+
+
 def _launch(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, out: torch.Tensor,
             xs: torch.Tensor | None, ws: torch.Tensor | None, bias: torch.Tensor | None, os_: torch.Tensor | None,
-            modes: tuple[int, int, int], config: dict[str, int] | None) -> None:
+            modes: tuple[int, int, int], config: dict[str, int] | None, conv: dict | None = None) -> None:
+    """Run the kernel for the shapes: int8 planes + cuBLAS, the dp4a GEMV (with `conv`, its conv-step
+    arguments: w4a8_linear_conv_step, which checked that this GEMV takes the call), the byte GEMV, or the
+    tiled GEMM."""
     m, k = x2.shape
     n, n_groups = group_scale.shape
     half = k // n_groups // 2
@@ -454,13 +496,14 @@ def _launch(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor,
         _w4a8_int_mm(x2, w_packed, group_scale, out, xs, ws, bias, os_, modes)  # INT_MM=0: the tiled GEMM
         return
     cfg.pop("INT_MM", None)
-    if m <= GEMV_MAX_ROWS and a8 and words and _words_ready(x2, w_packed, n_groups):
+    if a8 and words and _dp4a_ready(x2, w_packed, n_groups):
         hw = max(2, next_pow2(half // 4))
-        cfg = {**_dp4a_config(n, n_groups), **DP4A_TUNED.get((n, k), {}), **pdl_options(x2.device, "gemv"), **cfg}
+        cfg = {**dp4a_tiles(n, k, n_groups), **pdl_options(x2.device, "gemv"), **cfg}
         if x2.data_ptr() % 8 or x2.stride(0) % 8:  # X_TILE reads x as 8-byte words
             cfg["X_TILE"] = 0
         _w4a8_gemv_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](
-            *args, **flags, FULL=hw == half // 4, HW=hw, LINES=next_pow2(triton.cdiv(n_groups * half, 128)), **cfg)
+            *args, **flags, FULL=hw == half // 4, HW=hw, LINES=next_pow2(triton.cdiv(n_groups * half, 128)), **cfg,
+            **(conv or _no_conv(dummy)))
         return
     flags.update(A8=a8, FULL=hg == half)
     if m <= GEMV_MAX_ROWS:
@@ -539,3 +582,48 @@ def w4a8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor
                 None if out_scale is None else flat_scale(out_scale, dev), (xs_mode, ws_mode, os_mode or PER_TENSOR),
                 config)
     return out.reshape(*lead, n)
+
+
+def w4a8_linear_conv_step(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
+                          group_scale: torch.Tensor, bias: torch.Tensor | None, out_scale: torch.Tensor, start: int,
+                          conv_w: torch.Tensor, conv_w_scale: torch.Tensor, conv_bias: torch.Tensor | None,
+                          conv_out_scale: torch.Tensor, state: torch.Tensor, inplace: bool = False,
+                          config: dict[str, int] | None = None
+                          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
+    """One decoding step of a W4A8 projection whose output channels start .. start + C are the inputs of a
+    causal conv step (Mamba's in_proj into conv1d + SiLU + quantize), in one GEMV: w4a8_linear's int8 codes
+    for out_scale (0-d or per channel), and for those channels the conv of ssmq.ops.triton.conv.conv1d
+    (OUT_Q8) on them, with the conv's weight codes (C, k), fp32 scales (0-d or (C,)), bias and int8 state
+    (b, k-1, C). x_q: (b, 1, K) or (b, K), b <= GEMV_MAX_ROWS. Returns (codes (..., N), conv codes
+    (..., C), new state), the state overwritten with `inplace`; None where the fused kernel does not take
+    the layout (the caller runs the two ops)."""
+    ops = _operands(x_q, w_packed, group_scale)
+    if ops is None or group_scale.dtype.is_floating_point or conv_w.dim() != 2 or state.dim() != 3:
+        return None
+    x2, w, gs = ops
+    *lead, _ = x_q.shape
+    m, k = x2.shape
+    n, n_groups = w.shape[0], gs.shape[1]
+    channels, kw = conv_w.shape
+    cfg = {**dp4a_tiles(n, k, n_groups), **(config or {})}
+    modes = (scale_mode(x_scale, x_q.shape), scale_mode(w_scale, (m, n)), scale_mode(out_scale, (*lead, n)),
+             scale_mode(conv_w_scale, (channels,)), scale_mode(conv_out_scale, (channels,)))
+    if (not _dp4a_ready(x2, w, n_groups) or modes[0] not in (PER_TENSOR, PER_ROW)
+            or modes[1] not in (PER_TENSOR, PER_CHANNEL) or any(md not in (PER_TENSOR, PER_CHANNEL) for md in modes[2:])
+            or start % cfg["BLOCK_N"] or channels % cfg["BLOCK_N"] or not 0 <= start <= n - channels or kw < 2
+            or conv_w.dtype != torch.int8 or state.dtype != torch.int8 or state.shape != (m, kw - 1, channels)
+            or state.stride(-1) != 1 or conv_w.stride(-1) != 1 or not cfg.get("WORDS", 1)):
+        return None
+    dev = x_q.device
+    out = torch.empty(m, n, device=dev, dtype=torch.int8)
+    conv_out = torch.empty(m, channels, device=dev, dtype=torch.int8)
+    new_state = state if inplace else torch.empty_like(state)
+    os_ = flat_scale(out_scale, dev)
+    conv = dict(cw_ptr=conv_w, cb_ptr=conv_bias.contiguous() if conv_bias is not None else os_,
+                cws_ptr=flat_scale(conv_w_scale, dev), cos_ptr=flat_scale(conv_out_scale, dev), cs_ptr=state,
+                cns_ptr=new_state, cout_ptr=conv_out, CONV_START=start, CONV_C=channels, stride_cwc=conv_w.stride(0),
+                stride_csb=state.stride(0), stride_csl=state.stride(1), stride_cnb=new_state.stride(0),
+                stride_cnl=new_state.stride(1), stride_cob=conv_out.stride(0), CONV=True, KW=kw,
+                KWP=next_pow2(kw - 1), C_WS_MODE=modes[3], C_OS_MODE=modes[4], C_HAS_BIAS=conv_bias is not None)
+    _launch(x2, w, gs, out, flat_scale(x_scale, dev), flat_scale(w_scale, dev), bias, os_, modes[:3], cfg, conv)
+    return out.reshape(*lead, n), conv_out.reshape(*lead, channels), new_state
