@@ -106,6 +106,15 @@ def _hopper_or_newer(index: int) -> bool:
     return torch.cuda.get_device_capability(index)[0] >= 9
 
 
+WEIGHT_EVICTION = "evict_first"
+"""The L2 eviction policy of the W4A8 decoding GEMV's weight loads (Triton's `eviction_policy`:
+"evict_first", "evict_last" or "" for the default): the weights stream through L2 once per token, and
+marked first to go they leave the small operands of the other kernels (norm weights, scales, conv
+states, the Hadamard matrices) in L2 from one token to the next. gpu_check's ab stage on an H200,
+mamba2-8b quamba2-w4a8: 2.179 ms per token against 2.190 without (twice each, in one process). The W8A8
+GEMV keeps the default: a bench with the hint there too timed quamba2-w8a8 at 3.078 ms against 3.02."""
+
+
 def pdl_options(device: torch.device, family: str = "") -> dict[str, bool]:
     """Launch options for programmatic dependent launch (PDL): on Hopper and newer GPUs a kernel may be
     launched, and run its prologue, while the kernel before it finishes; it waits (wait_for_inputs)

@@ -35,6 +35,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmq.ops.triton import common
 from ssmq.ops.triton.common import (INTERPRETED, PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, let_next_start,
                                     next_pow2, pdl_options, prefetch_l2, scale_mode, wait_for_inputs)
 from ssmq.ops.triton.conv import conv_step_channels
@@ -207,7 +208,7 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
                            OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, FULL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HW: tl.constexpr, UNROLL: tl.constexpr,
                            LINES: tl.constexpr, X_TILE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                           cw_ptr, cb_ptr, cws_ptr, cos_ptr, cs_ptr, cns_ptr, cout_ptr, CONV_START, CONV_C,
+                           EVICT: tl.constexpr, cw_ptr, cb_ptr, cws_ptr, cos_ptr, cs_ptr, cns_ptr, cout_ptr, CONV_START, CONV_C,
                            stride_cwc, stride_csb, stride_csl, stride_cnb, stride_cnl, stride_cob,
                            CONV: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, C_WS_MODE: tl.constexpr,
                            C_OS_MODE: tl.constexpr, C_HAS_BIAS: tl.constexpr):
@@ -254,13 +255,13 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
         kw = grp[:, None] * WG + q[None, :]  # (groups, words): word index in the packed row
         kmask = gmask[:, None] if FULL else gmask[:, None] & (q < WG)[None, :]
         if X_TILE:
-            w = tl.load(w_rows + kw[None, :, :], mask=kmask[None, :, :], other=0)
+            w = tl.load(w_rows + kw[None, :, :], mask=kmask[None, :, :], other=0, eviction_policy=EVICT)
             kw3 = kw[None, :, :] + rows0  # x's 8-byte words, in the weight tile's 3-D shape (rows0 == 0 is
             m3 = kmask[None, :, :] & (rows0 == 0)  # all true: it gives the mask that shape too)
             x8 = tl.load(x_row.to(tl.pointer_type(tl.int64)) + kw3, mask=m3, other=0)
             lo, hi = _codes_x16(w)
             d = _dp4a(hi, (x8 >> 32).to(tl.int32), _dp4a(lo, x8.to(tl.int32), tl.zeros(shape, tl.int32)))
-            g = tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0)
+            g = tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0, eviction_policy=EVICT)
             acc += (tl.sum(d, axis=2) >> 4) * g.to(tl.int32)
         else:
             xa = tl.load(x_row + 2 * kw, mask=kmask, other=0)
@@ -268,8 +269,8 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
             xe, xo = _even_odd_bytes(xa, xb)
             ones = tl.full(xa.shape, 0x01010101, tl.int32)
             xsum8 = 8 * _dp4a(xb, ones, _dp4a(xa, ones, tl.zeros(xa.shape, tl.int32)))  # 8 * the word's x sum
-            w = tl.load(w_rows + kw[None, :, :], mask=kmask[None, :, :], other=0)
-            g = tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0).to(tl.int32)
+            w = tl.load(w_rows + kw[None, :, :], mask=kmask[None, :, :], other=0, eviction_policy=EVICT)
+            g = tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0, eviction_policy=EVICT).to(tl.int32)
             d = _dp4a((w & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xe[None, :, :], shape),
                       tl.zeros(shape, tl.int32))
             d = _dp4a(((w >> 4) & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xo[None, :, :], shape), d)
@@ -502,8 +503,8 @@ def _launch(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor,
         if x2.data_ptr() % 8 or x2.stride(0) % 8:  # X_TILE reads x as 8-byte words
             cfg["X_TILE"] = 0
         _w4a8_gemv_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](
-            *args, **flags, FULL=hw == half // 4, HW=hw, LINES=next_pow2(triton.cdiv(n_groups * half, 128)), **cfg,
-            **(conv or _no_conv(dummy)))
+            *args, **flags, FULL=hw == half // 4, HW=hw, LINES=next_pow2(triton.cdiv(n_groups * half, 128)),
+            EVICT=common.WEIGHT_EVICTION, **cfg, **(conv or _no_conv(dummy)))
         return
     flags.update(A8=a8, FULL=hg == half)
     if m <= GEMV_MAX_ROWS:
