@@ -147,12 +147,15 @@ def _record_workload() -> None:
 
 def _launch_as_on_the_gpu(arch: int) -> None:
     """The recorded CPU launches take the launch options the GPU's would: programmatic dependent launch
-    on sm_90 and newer (ssmq.ops.triton.common.pdl_options, which is off for CPU tensors)."""
-    options = {"PDL": arch >= 90, "launch_pdl": arch >= 90, "PREFETCH": arch >= 90}
+    and the norm kernels' L2 prefetches on sm_90 and newer (ssmq.ops.triton.common.pdl_options and
+    prefetch_options, which are off for CPU tensors)."""
+    options = {"PDL": arch >= 90, "launch_pdl": arch >= 90}
     for name in KERNEL_MODULES:
         module = importlib.import_module(f"ssmq.ops.triton.{name}")
         if hasattr(module, "pdl_options"):
-            module.pdl_options = lambda device, family="": dict(options)
+            module.pdl_options = lambda device: dict(options)
+        if hasattr(module, "prefetch_options"):
+            module.prefetch_options = lambda device: {**options, "PREFETCH": options["PDL"]}
 
 
 def record(out: Path, arch: int) -> None:

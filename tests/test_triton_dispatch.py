@@ -176,21 +176,24 @@ def test_static_states_are_updated_in_place(monkeypatch):
 @needs_triton
 def test_programmatic_dependent_launch_only_on_a_hopper_gpu(monkeypatch):
     """PDL launch options are on only for CUDA devices of compute capability 9+, never under the
-    interpreter (its instructions do not exist there), and USE_PDL turns them off everywhere; the L2
-    prefetches that come before the wait go with PDL, for the kernel families PREFETCH_L2 names."""
+    interpreter (its instructions do not exist there), and USE_PDL turns them off everywhere; the norm
+    kernels' L2 prefetches before the wait go with PDL, and PREFETCH_L2 turns them off alone."""
     from ssmq.ops.triton import common
 
-    off = {"PDL": False, "launch_pdl": False, "PREFETCH": False}
+    off = {"PDL": False, "launch_pdl": False}
     assert common.pdl_options(torch.device("cpu")) == off
+    assert common.prefetch_options(torch.device("cpu")) == {**off, "PREFETCH": False}
     monkeypatch.setattr(common, "_hopper_or_newer", lambda index: True)
     assert common.pdl_options(torch.device("cuda", 0)) == off  # this test runs under the interpreter
     monkeypatch.setattr(common, "INTERPRETED", False)
-    monkeypatch.setattr(common, "PREFETCH_L2", "gemv+step")
-    assert common.pdl_options(torch.device("cuda", 0), "step") == {"PDL": True, "launch_pdl": True, "PREFETCH": True}
-    assert common.pdl_options(torch.device("cuda", 0), "norm") == {"PDL": True, "launch_pdl": True, "PREFETCH": False}
-    assert common.pdl_options(torch.device("cuda", 0)) == {"PDL": True, "launch_pdl": True, "PREFETCH": False}
+    on = {"PDL": True, "launch_pdl": True}
+    assert common.pdl_options(torch.device("cuda", 0)) == on
+    assert common.prefetch_options(torch.device("cuda", 0)) == {**on, "PREFETCH": True}
+    monkeypatch.setattr(common, "PREFETCH_L2", False)
+    assert common.prefetch_options(torch.device("cuda", 0)) == {**on, "PREFETCH": False}
+    monkeypatch.setattr(common, "PREFETCH_L2", True)
     monkeypatch.setattr(common, "_hopper_or_newer", lambda index: False)
-    assert common.pdl_options(torch.device("cuda", 0), "step") == off
+    assert common.prefetch_options(torch.device("cuda", 0)) == {**off, "PREFETCH": False}
     monkeypatch.setattr(common, "_hopper_or_newer", lambda index: True)
     monkeypatch.setattr(common, "USE_PDL", False)
-    assert common.pdl_options(torch.device("cuda", 0), "step") == off
+    assert common.prefetch_options(torch.device("cuda", 0)) == {**off, "PREFETCH": False}

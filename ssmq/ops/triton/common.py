@@ -91,14 +91,13 @@ USE_PDL = True
 """Whether kernels on Hopper and newer GPUs launch with PDL (pdl_options); benchmarks turn it off to
 measure what it gains."""
 
-PREFETCH_L2 = "norm"
-"""Which kernels launched with PDL prefetch their slow operands into L2 before they wait (prefetch_l2), as
-'+'-joined families (pdl_options' `family`): gemv (the decoding GEMVs' weight rows and epilogue operands),
-step (the conv and scan steps' states and parameters), norm (the norms' weights, the Hadamard matrices).
-Only norm by default: gpu_check's ab stage on an H200 (mamba2-8b, batch 1, CUDA-graph decoding) timed
-quamba2-w4a8 at 2.264 ms per token with norm, 2.29 with none, 2.32 with gemv or step+norm, 2.36 with all
-three (the fp16 model, 4.6 to 4.7 ms, moved within its run-to-run spread); benchmarks set it to measure
-what each gains."""
+PREFETCH_L2 = True
+"""Whether the norm kernels (residual add + RMSNorm, gated RMSNorm, Hadamard rotation) prefetch their
+weights and matrices into L2 before their PDL wait (prefetch_options, prefetch_span); benchmarks turn it
+off to measure what it gains. gpu_check's ab stage on an H200 (mamba2-8b quamba2-w4a8, CUDA-graph
+decoding) timed 2.264 ms per token with these prefetches, 2.29 with none; prefetching the GEMVs' weight
+rows (2.32), the conv and SSD steps' states (2.35) or all three families (2.36) was slower, and is not done
+(docs/performance.md)."""
 
 
 @lru_cache(maxsize=None)
@@ -115,16 +114,22 @@ mamba2-8b quamba2-w4a8: 2.179 ms per token against 2.190 without (twice each, in
 GEMV keeps the default: a bench with the hint there too timed quamba2-w8a8 at 3.078 ms against 3.02."""
 
 
-def pdl_options(device: torch.device, family: str = "") -> dict[str, bool]:
+def pdl_options(device: torch.device) -> dict[str, bool]:
     """Launch options for programmatic dependent launch (PDL): on Hopper and newer GPUs a kernel may be
     launched, and run its prologue, while the kernel before it finishes; it waits (wait_for_inputs)
     before it reads or writes any tensor (before the wait, the previous kernel's writes may not be
-    visible, and a weight may have just been computed by it); only L2 prefetches (PREFETCH,
-    prefetch_l2; on for the kernel `family` named in PREFETCH_L2) come earlier. Off under the interpreter
-    and on older GPUs."""
+    visible, and a weight may have just been computed by it); only L2 prefetches (prefetch_options)
+    come earlier. Off under the interpreter and on older GPUs."""
     on = (USE_PDL and device.type == "cuda" and not INTERPRETED
           and _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device()))
-    return {"PDL": on, "launch_pdl": on, "PREFETCH": on and family in PREFETCH_L2.split("+")}
+    return {"PDL": on, "launch_pdl": on}
+
+
+def prefetch_options(device: torch.device) -> dict[str, bool]:
+    """pdl_options and PREFETCH: whether a kernel prefetches its weights into L2 before its wait (with PDL
+    and PREFETCH_L2)."""
+    options = pdl_options(device)
+    return {**options, "PREFETCH": options["PDL"] and PREFETCH_L2}
 
 
 def span_lines(nbytes: int) -> int:
@@ -134,22 +139,15 @@ def span_lines(nbytes: int) -> int:
 
 
 @triton.jit
-def prefetch_l2(ptrs):
-    """Ask for the lines holding `ptrs` (a tensor of pointers) to be brought into L2: no value, and no effect
-    on any result, so a kernel may call it before it waits (wait_for_inputs). Kernels prefetch what the
-    kernel before them does not write (weights, scales, recurrent states): in a decoding step those lines
-    were evicted from L2 by the other layers' weights since their last use, and their DRAM latency then
-    passes while the kernel before finishes, instead of after the wait."""
-    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptrs], dtype=tl.int32,
-                              is_pure=False, pack=1)
-
-
-@triton.jit
 def prefetch_span(ptr, nbytes, LINES: tl.constexpr):
-    """prefetch_l2 of the nbytes (> 0) bytes from ptr: an address in each 128-byte line they touch (LINES of
-    them, span_lines; the spare ones repeat the last byte)."""
+    """Ask for the 128-byte lines of the nbytes (> 0) bytes from ptr to be brought into L2 (an address in
+    each line they touch: LINES of them, span_lines; the spare ones repeat the last byte). No value and no
+    effect on any result, so a kernel may do it before it waits (wait_for_inputs), for operands that the
+    kernel before does not write: in a decoding step their lines were evicted from L2 by the other layers'
+    weights since their last use, and their DRAM latency then passes while the kernel before finishes."""
     offs = tl.minimum(tl.arange(0, LINES) * 128, nbytes - 1)
-    prefetch_l2(ptr.to(tl.pointer_type(tl.int8)) + offs)
+    tl.inline_asm_elementwise("prefetch.global.L2 [$1]; // dummy $0", "=r,l", [ptr.to(tl.pointer_type(tl.int8)) + offs],
+                              dtype=tl.int32, is_pure=False, pack=1)
 
 
 @triton.jit

@@ -18,7 +18,7 @@ import triton
 import triton.language as tl
 
 from ssmq.ops.triton.common import (PER_CHANNEL, PER_TENSOR, flat_scale, load_scale, next_pow2, pdl_options,
-                                    prefetch_span, quantize_rn, scale_mode, silu, span_lines, wait_for_inputs)
+                                    quantize_rn, scale_mode, silu, wait_for_inputs)
 
 OUT_PRE, OUT_SILU, OUT_Q8 = 0, 1, 2
 _STEP_TILES = {"BLOCK_C": 64, "num_warps": 1}
@@ -92,27 +92,10 @@ def _conv_step_kernel(x_ptr, w_ptr, b_ptr, s_ptr, out_ptr, ns_ptr, xs_ptr, ws_pt
                       stride_xb, stride_wc, stride_sb, stride_sl, stride_nb, stride_nl,
                       KW: tl.constexpr, KWP: tl.constexpr, HAS_STATE: tl.constexpr, IS_INT: tl.constexpr,
                       XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, OS_MODE: tl.constexpr,
-                      HAS_BIAS: tl.constexpr, OUT: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr,
-                      PREFETCH: tl.constexpr, LINES: tl.constexpr):
+                      HAS_BIAS: tl.constexpr, OUT: tl.constexpr, BLOCK_C: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
-    c0 = tl.program_id(0) * BLOCK_C
-    c = c0 + tl.arange(0, BLOCK_C)
+    c = tl.program_id(0) * BLOCK_C + tl.arange(0, BLOCK_C)
     cmask = c < C
-    if PREFETCH:  # everything but x: the channels' weights, bias, scales and state (LINES covers each span)
-        n = tl.minimum(C - c0, BLOCK_C)
-        prefetch_span(w_ptr + c0 * stride_wc, n * stride_wc * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
-        if HAS_BIAS:
-            prefetch_span(b_ptr + c0, n * (b_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
-        if IS_INT and XS_MODE == 1:  # per-channel scales are fp32
-            prefetch_span(xs_ptr + c0, 4 * n, LINES)
-        if IS_INT and WS_MODE == 1:
-            prefetch_span(ws_ptr + c0, 4 * n, LINES)
-        if OUT == 2 and OS_MODE == 1:
-            prefetch_span(os_ptr + c0, 4 * n, LINES)
-        if HAS_STATE:
-            for j in tl.static_range(KW - 1):
-                prefetch_span(s_ptr + b * stride_sb + j * stride_sl + c0,
-                              n * (s_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
     wait_for_inputs(PDL)
     x = tl.load(x_ptr + b * stride_xb + c, mask=cmask, other=0)
     conv_step_channels(x, c, cmask, w_ptr, b_ptr, s_ptr + b * stride_sb, out_ptr + b * C, ns_ptr + b * stride_nb,
@@ -200,8 +183,7 @@ def conv1d(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, sta
         _conv_step_kernel[(triton.cdiv(channels, cfg["BLOCK_C"]), batch)](
             x, weight, b_arg, s_arg, result, new_state, *scales, channels, x.stride(0), weight.stride(0),
             s_arg.stride(0), s_arg.stride(1), new_state.stride(0), new_state.stride(1), **flags, **cfg,
-            LINES=span_lines(cfg["BLOCK_C"] * max(weight.stride(0) * weight.element_size(), 4)),
-            enable_fp_fusion=False, **pdl_options(dev, "step"))
+            enable_fp_fusion=False, **pdl_options(dev))
     else:
         block_c = min(128, next_pow2(channels))
         block_l = min(32, next_pow2(length))

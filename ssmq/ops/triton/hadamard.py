@@ -28,7 +28,7 @@ import triton.language as tl
 
 from ssmq.ops.hadamard import _base, _sylvester, supported_hadamard_size, check_hadamard_size
 from ssmq.ops.triton.common import (PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, load_scale, next_pow2,
-                                    pdl_options, prefetch_span, quantize_rn, scale_mode, silu, span_lines,
+                                    prefetch_options, prefetch_span, quantize_rn, scale_mode, silu, span_lines,
                                     wait_for_inputs)
 
 MAX_P = 128
@@ -199,5 +199,5 @@ def _rotate(x: torch.Tensor, out_scale: torch.Tensor | None, norm: dict | None,
         GATE_Q=nm["gate_q"], ZS_MODE=nm["zs_mode"],
         num_warps=cfg.get("num_warps", 8 if norm or pb * mp >= 4096 else 4),
         LINES=span_lines(4 * max(pb * p, mp * mp, n if norm else 0)), enable_fp_fusion=False,
-        **pdl_options(x.device, "norm"))
+        **prefetch_options(x.device))
     return out

@@ -18,8 +18,7 @@ import triton
 import triton.language as tl
 
 from ssmq.ops.triton.common import (INTERPRETED, PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, let_next_start,
-                                    load_scale, next_pow2, pdl_options, prefetch_l2, quantize_rn, scale_mode,
-                                    wait_for_inputs)
+                                    load_scale, next_pow2, pdl_options, quantize_rn, scale_mode, wait_for_inputs)
 
 GEMV_MAX_ROWS = 4  # up to this many rows the weight-streaming GEMV beats a tensor-core tile
 
@@ -43,23 +42,6 @@ def _epilogue(acc, rows, cols, M, N, out_ptr, stride_om, xs_ptr, ws_ptr, b_ptr, 
         out = v.to(out_ptr.dtype.element_ty)
     tl.store(ptrs, out, mask=mask)
     return out
-
-
-@triton.jit
-def _prefetch_gemv(w_ptr, rn, N, row_bytes, stride_wn, ws_ptr, b_ptr, os_ptr, WS_MODE: tl.constexpr,
-                   HAS_BIAS: tl.constexpr, OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, LINES: tl.constexpr):
-    """prefetch_l2 of a GEMV program's weight rows rn (row_bytes bytes from w_ptr + row * stride_wn, LINES a
-    power-of-two cover of their 128-byte lines) and of its epilogue's per-channel operands, which would
-    otherwise come from DRAM at the end of the program."""
-    r = tl.minimum(rn, N - 1).to(tl.int64)
-    line = tl.minimum(tl.arange(0, LINES) * 128, row_bytes - 1)
-    prefetch_l2(w_ptr.to(tl.pointer_type(tl.int8)) + r[:, None] * stride_wn + line[None, :])
-    if WS_MODE == 1:
-        prefetch_l2(ws_ptr + r)
-    if HAS_BIAS:
-        prefetch_l2(b_ptr + r)
-    if OUT_INT8 and OS_MODE == 1:
-        prefetch_l2(os_ptr + r)
 
 
 @triton.jit
@@ -96,16 +78,12 @@ def _gemm_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, K, 
 @triton.jit
 def _gemv_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, K, stride_xm, stride_wn, stride_om,
                  XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT8: tl.constexpr,
-                 OS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr,
-                 PREFETCH: tl.constexpr, LINES: tl.constexpr):
+                 OS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, PDL: tl.constexpr):
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     w_rows = w_ptr + (rn % N).to(tl.int64)[:, None] * stride_wn
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    if PREFETCH:
-        _prefetch_gemv(w_ptr, rn, N, K, stride_wn, ws_ptr, b_ptr, os_ptr, WS_MODE, HAS_BIAS, OUT_INT8, OS_MODE,
-                       LINES)
     wait_for_inputs(PDL, False)
     acc = tl.zeros((BLOCK_N,), dtype=tl.int32)
     for k0 in range(0, K, BLOCK_K):
@@ -138,7 +116,7 @@ else:
 def _gemv_dp4a_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, K, stride_xm, stride_wn,
                       stride_om, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PDL: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr):
+                      PDL: tl.constexpr):
     """The GEMV with codes read as int32 words of four and multiplied-accumulated by dp4a (exact, like the
     int32 sums of _gemv_kernel, in a quarter of the instructions). K and the row strides are multiples of
     4 and the pointers 4-byte aligned (the launcher checks); BLOCK_K counts words."""
@@ -148,9 +126,6 @@ def _gemv_dp4a_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N
     k4 = K // 4
     w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + (rn % N).to(tl.int64)[:, None] * (stride_wn // 4)
     x_row = x_ptr.to(tl.pointer_type(tl.int32)) + m.to(tl.int64) * (stride_xm // 4)
-    if PREFETCH:
-        _prefetch_gemv(w_ptr, rn, N, K, stride_wn, ws_ptr, b_ptr, os_ptr, WS_MODE, HAS_BIAS, OUT_INT8, OS_MODE,
-                       LINES)
     wait_for_inputs(PDL, False)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
     for k0 in range(0, k4, BLOCK_K):
@@ -241,8 +216,7 @@ def int8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
     flags = dict(XS_MODE=xs_mode, WS_MODE=ws_mode, HAS_BIAS=bias is not None, OUT_INT8=out_scale is not None,
                  OS_MODE=os_mode or PER_TENSOR, enable_fp_fusion=False)
     if m <= GEMV_MAX_ROWS:
-        cfg = {**_gemv_config(n, k), **GEMV_TUNED.get((n, k), {}), **pdl_options(dev, "gemv"),
-               "LINES": next_pow2(triton.cdiv(k, 128)), **(config or {})}
+        cfg = {**_gemv_config(n, k), **GEMV_TUNED.get((n, k), {}), **pdl_options(dev), **(config or {})}
         if cfg.pop("DP4A", 0) and _words_aligned(x2, w):
             cfg["BLOCK_K"] = max(cfg["BLOCK_K"] // 4, 1)
             _gemv_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, **cfg)

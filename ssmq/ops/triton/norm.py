@@ -15,7 +15,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmq.ops.triton.common import (PER_CHANNEL, PER_TENSOR, flat_scale, load_scale, next_pow2, pdl_options,
+from ssmq.ops.triton.common import (PER_CHANNEL, PER_TENSOR, flat_scale, load_scale, next_pow2, prefetch_options,
                                     prefetch_span, quantize_rn, scale_mode, silu, span_lines, wait_for_inputs)
 
 
@@ -77,7 +77,7 @@ def _launch(hidden: torch.Tensor, residual: torch.Tensor | None, weight: torch.T
         h2, r2, weight.contiguous(), out, res_out if res_out is not None else out, os_, d, h2.stride(0),
         r2.stride(0), eps, HAS_RES=residual is not None, STORE_RES=res_out is not None, ROUND_RES=round_res,
         OUT_INT8=out_scale is not None, OS_MODE=os_mode, BLOCK=block, num_warps=_warps(block),
-        LINES=span_lines(4 * d), enable_fp_fusion=False, **pdl_options(hidden.device, "norm"))
+        LINES=span_lines(4 * d), enable_fp_fusion=False, **prefetch_options(hidden.device))
 
 
 def _warps(block: int) -> int:
@@ -162,5 +162,5 @@ def gated_rms_norm(y: torch.Tensor, gate: torch.Tensor, weight: torch.Tensor, ep
             y2, g2, gs, weight.contiguous(), out, d, group_size, y2.stride(0), g2.stride(0), eps,
             GATE_Q=gate_scale is not None, GS_MODE=gs_mode, BLOCK=block,
             num_warps=(config or {}).get("num_warps", _warps(block)), LINES=span_lines(4 * group_size),
-            enable_fp_fusion=False, **pdl_options(y.device, "norm"))
+            enable_fp_fusion=False, **prefetch_options(y.device))
     return out

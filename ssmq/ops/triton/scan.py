@@ -18,8 +18,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmq.ops.triton.common import (flat_scale, next_pow2, pdl_options, prefetch_span, quantize_rn, silu, softplus,
-                                    span_lines, wait_for_inputs)
+from ssmq.ops.triton.common import flat_scale, next_pow2, pdl_options, quantize_rn, silu, softplus, wait_for_inputs
 
 PREFILL_CONFIG = dict(BLOCK_D=4, T=16, num_warps=1)  # the fastest of those timed on an H100 (gpu_check.py)
 
@@ -102,26 +101,14 @@ def _scan_step_kernel(u_ptr, dl_ptr, A_ptr, B_ptr, C_ptr, D_ptr, z_ptr, db_ptr, 
                       s_ub, s_db, s_Bb, s_Cb, s_zb, s_yb, s_hb, s_ob,
                       IS_INT: tl.constexpr, HAS_D: tl.constexpr, HAS_Z: tl.constexpr, HAS_DBIAS: tl.constexpr,
                       SOFTPLUS: tl.constexpr, HAS_H0: tl.constexpr, STATE_INT: tl.constexpr,
-                      BLOCK_D: tl.constexpr, NP: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                      LINES: tl.constexpr):
+                      BLOCK_D: tl.constexpr, NP: tl.constexpr, PDL: tl.constexpr):
     b = tl.program_id(1).to(tl.int64)
-    d0 = tl.program_id(0) * BLOCK_D
-    d = d0 + tl.arange(0, BLOCK_D)
+    d = tl.program_id(0) * BLOCK_D + tl.arange(0, BLOCK_D)
     n = tl.arange(0, NP)
     dmask = d < DIM
     nmask = n < N
     dn_mask = dmask[:, None] & nmask[None, :]
     dn = d[:, None] * N + n[None, :]
-    if PREFETCH:  # A, the state (written one token ago), D and the dt bias; LINES covers A's rows
-        rows = tl.minimum(DIM - d0, BLOCK_D)
-        prefetch_span(A_ptr + d0 * N, rows * N * 4, LINES)
-        if HAS_H0:
-            prefetch_span(h0_ptr + b * s_hb + d0 * N, rows * N * (h0_ptr.dtype.element_ty.primitive_bitwidth // 8),
-                          LINES)
-        if HAS_D:
-            prefetch_span(D_ptr + d0, rows * (D_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
-        if HAS_DBIAS:
-            prefetch_span(db_ptr + d0, rows * (db_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
     wait_for_inputs(PDL)
     A = tl.load(A_ptr + dn, mask=dn_mask, other=0.0).to(tl.float32)
     if HAS_H0:
@@ -195,8 +182,7 @@ def selective_scan(u: torch.Tensor, delta: torch.Tensor, A: torch.Tensor, B: tor
         block_d = min(32, next_pow2(dim))
         _scan_step_kernel[(triton.cdiv(dim, block_d), batch)](
             *ptrs, dim, n, u.stride(0), delta.stride(0), B.stride(0), C.stride(0), zt.stride(0), y.stride(0),
-            ptrs[8].stride(0), h_out.stride(0), **flags, BLOCK_D=block_d, num_warps=2,
-            LINES=span_lines(block_d * n * 4), **pdl_options(dev, "step"))
+            ptrs[8].stride(0), h_out.stride(0), **flags, BLOCK_D=block_d, num_warps=2, **pdl_options(dev))
     else:
         cfg = dict(PREFILL_CONFIG, **(config or {}))
         block_d = min(cfg["BLOCK_D"], next_pow2(dim))

@@ -31,8 +31,7 @@ import torch
 import triton
 import triton.language as tl
 
-from ssmq.ops.triton.common import (next_pow2, pdl_options, prefetch_span, quantize_rn, softplus, span_lines,
-                                    wait_for_inputs)
+from ssmq.ops.triton.common import next_pow2, pdl_options, quantize_rn, softplus, wait_for_inputs
 
 # the fewest register spills of the tiles compiled for sm_90 (ptxas -v); not yet timed on a GPU
 PREFILL_CONFIG = dict(BLOCK_P=32, T=64, num_warps=8, num_stages=2)
@@ -192,12 +191,9 @@ def _ssd_step_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, db_ptr, h0_ptr, 
                      s_hsb, s_hsh, s_hsp, s_hsn,
                      IS_INT: tl.constexpr, DT_INT: tl.constexpr, HAS_D: tl.constexpr, HAS_DBIAS: tl.constexpr,
                      SOFTPLUS: tl.constexpr, HAS_LIMIT: tl.constexpr, HAS_H0: tl.constexpr,
-                     HS_ROW: tl.constexpr, BLOCK_P: tl.constexpr, NP: tl.constexpr, PDL: tl.constexpr,
-                     PREFETCH: tl.constexpr, LINES: tl.constexpr):
+                     HS_ROW: tl.constexpr, BLOCK_P: tl.constexpr, NP: tl.constexpr, PDL: tl.constexpr):
     """One decoding step of BLOCK_P channels of one head. HS_ROW: the state scale is constant along the
-    head's channels (Quamba2's (group, state index) layout), so one row of it is loaded and broadcast.
-    PREFETCH: the state (the largest operand, written one token ago) and the head's parameters and scales
-    are prefetched while the conv kernel before finishes."""
+    head's channels (Quamba2's (group, state index) layout), so one row of it is loaded and broadcast."""
     h = tl.program_id(1)
     b = tl.program_id(2).to(tl.int64)
     heads = tl.num_programs(1)
@@ -208,21 +204,6 @@ def _ssd_step_kernel(x_ptr, dt_ptr, A_ptr, B_ptr, C_ptr, D_ptr, db_ptr, h0_ptr, 
     nmask = n < N
     pn_mask = pmask[:, None] & nmask[None, :]
     state_offs = ((b * heads + h) * P + p[:, None]) * N + n[None, :]
-    if PREFETCH:
-        p0 = tl.program_id(0) * BLOCK_P
-        rows = tl.minimum(P - p0, BLOCK_P)
-        if HAS_H0:
-            prefetch_span(h0_ptr + ((b * heads + h) * P + p0) * N,
-                          rows * N * (h0_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
-        prefetch_span(A_ptr + h, 4, LINES)
-        if HAS_D:
-            prefetch_span(D_ptr + h, 4, LINES)
-        if HAS_DBIAS:
-            prefetch_span(db_ptr + h, 4, LINES)
-        if IS_INT:
-            if HS_ROW:
-                prefetch_span(hs_ptr + b * s_hsb + h * s_hsh, tl.maximum(N * s_hsn * 4, 1), LINES)
-            prefetch_span(xs_ptr + b * s_xsb + h * s_xsh + p0 * s_xsp, tl.maximum(rows * s_xsp * 4, 1), LINES)
     wait_for_inputs(PDL)
     if IS_INT:
         if HS_ROW:
@@ -354,8 +335,7 @@ def ssd_scan(x: torch.Tensor, dt: torch.Tensor, A: torch.Tensor, B: torch.Tensor
             *ptrs, headdim, n, rep, *limits, x.stride(0), x.stride(2), dt.stride(0), dt.stride(2), B.stride(0),
             B.stride(2), C.stride(0), C.stride(2), y.stride(0), y.stride(2), *xs_args[1:], ds_args[1],
             ds_args[3], *bs_args[1:], *cs_args[1:], *hs_args[1:], **flags, HS_ROW=hs_args[3] == 0,
-            BLOCK_P=block_p, NP=max(next_pow2(n), 2), num_warps=cfg["num_warps"],
-            LINES=span_lines(block_p * n * h_out.element_size()), **pdl_options(dev, "step"))
+            BLOCK_P=block_p, NP=max(next_pow2(n), 2), num_warps=cfg["num_warps"], **pdl_options(dev))
     else:
         cfg = {**PREFILL_CONFIG, "SPLIT_Y": False, "SPLIT_S": is_int, **(config or {})}
         block_p = max(16, min(cfg["BLOCK_P"], next_pow2(headdim)))

@@ -25,7 +25,8 @@ nibbles the odd columns, and x's words are regrouped into its even and odd bytes
 sum is then dot(code + 8, x) - 8 * sum(x), which times its group's scale is accumulated element-wise and
 summed once at the end, still exact in int32. By default the kernel runs a second loop (X_TILE) that
 regroups the codes' bytes instead of x's (see the kernel); the first serves x rows that are not 8-byte
-aligned. The W4A8 epilogue is the W8A8 one
+aligned. Mamba2's decoding in_proj, whose x|B|C outputs are the conv's inputs, runs the conv step in the
+same GEMV's epilogue (w4a8_linear_conv_step). The W4A8 epilogue is the W8A8 one
 (ssmq.ops.triton.linear), run without fp contraction, so int8 outputs are bit-identical to the reference.
 """
 
@@ -37,9 +38,9 @@ import triton.language as tl
 
 from ssmq.ops.triton import common
 from ssmq.ops.triton.common import (INTERPRETED, PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, let_next_start,
-                                    next_pow2, pdl_options, prefetch_l2, scale_mode, wait_for_inputs)
+                                    next_pow2, pdl_options, scale_mode, wait_for_inputs)
 from ssmq.ops.triton.conv import conv_step_channels
-from ssmq.ops.triton.linear import GEMV_MAX_ROWS, _dp4a, _epilogue, _prefetch_gemv, _words_aligned
+from ssmq.ops.triton.linear import GEMV_MAX_ROWS, _dp4a, _epilogue, _words_aligned
 
 _FLOATS = (torch.float16, torch.float32)  # bf16 x takes the reference (the interpreter cannot test it)
 
@@ -120,8 +121,7 @@ def _w4_gemv_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr
                     stride_xm, stride_wn, stride_gn, stride_om,
                     A8: tl.constexpr, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                     OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, FULL: tl.constexpr, BLOCK_N: tl.constexpr,
-                    BLOCK_G: tl.constexpr, HG: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                    LINES: tl.constexpr):
+                    BLOCK_G: tl.constexpr, HG: tl.constexpr, PDL: tl.constexpr):
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     gi = tl.arange(0, BLOCK_G)
@@ -129,9 +129,6 @@ def _w4_gemv_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr
     w_rows = w_ptr + (rn % N).to(tl.int64)[:, None, None] * stride_wn
     g_rows = gs_ptr + (rn % N).to(tl.int64)[:, None] * stride_gn
     x_row = x_ptr + m.to(tl.int64) * stride_xm
-    if PREFETCH:
-        _prefetch_w4(w_ptr, gs_ptr, rn, N, NG, HALF, stride_wn, stride_gn, ws_ptr, b_ptr, os_ptr, WS_MODE, HAS_BIAS,
-                     OUT_INT8, OS_MODE, LINES)
     wait_for_inputs(PDL, False)
     acc = tl.zeros((BLOCK_N,), dtype=tl.int32 if A8 else tl.float32)
     for g0 in range(0, NG, BLOCK_G):
@@ -188,27 +185,12 @@ else:
 
 
 @triton.jit
-def _prefetch_w4(w_ptr, gs_ptr, rn, N, NG, HALF, stride_wn, stride_gn, ws_ptr, b_ptr, os_ptr,
-                 WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr, OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr,
-                 LINES: tl.constexpr):
-    """prefetch_l2 of a GEMV program's packed weight rows, their group scales (first and last) and its
-    epilogue's per-channel operands (_prefetch_gemv)."""
-    _prefetch_gemv(w_ptr, rn, N, NG * HALF, stride_wn, ws_ptr, b_ptr, os_ptr, WS_MODE, HAS_BIAS, OUT_INT8, OS_MODE,
-                   LINES)
-    ends = tl.arange(0, 2) * (NG - 1)
-    gs_bytes = gs_ptr.dtype.element_ty.primitive_bitwidth // 8
-    prefetch_l2(gs_ptr.to(tl.pointer_type(tl.int8))
-                + (tl.minimum(rn, N - 1).to(tl.int64) * stride_gn)[:, None] * gs_bytes + ends[None, :] * gs_bytes)
-
-
-@triton.jit
 def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N,
                            NG: tl.constexpr, HALF: tl.constexpr, stride_xm, stride_wn, stride_gn, stride_om,
                            XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                            OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, FULL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HW: tl.constexpr, UNROLL: tl.constexpr,
-                           LINES: tl.constexpr, X_TILE: tl.constexpr, PDL: tl.constexpr, PREFETCH: tl.constexpr,
-                           EVICT: tl.constexpr, cw_ptr, cb_ptr, cws_ptr, cos_ptr, cs_ptr, cns_ptr, cout_ptr, CONV_START, CONV_C,
+                           X_TILE: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr, cw_ptr, cb_ptr, cws_ptr, cos_ptr, cs_ptr, cns_ptr, cout_ptr, CONV_START, CONV_C,
                            stride_cwc, stride_csb, stride_csl, stride_cnb, stride_cnl, stride_cob,
                            CONV: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, C_WS_MODE: tl.constexpr,
                            C_OS_MODE: tl.constexpr, C_HAS_BIAS: tl.constexpr):
@@ -217,9 +199,8 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
     checks). Each word's exact sum times its group's scale is accumulated element-wise, as the W8A8 dp4a
     GEMV does, and reduced once at the end: no cross-thread sum per step (int32 sums are exact in any order).
     The group count and size are compile-time constants, so that the word loads vectorize and UNROLL steps
-    of the loop over K issue their loads together. With PREFETCH the program's weight rows (LINES
-    128-byte lines each, a power-of-two cover), group scales and epilogue operands are prefetched into L2
-    while the kernel before finishes (_prefetch_w4).
+    of the loop over K issue their loads together; EVICT is the weight loads' L2 eviction policy
+    (common.WEIGHT_EVICTION).
 
     X_TILE (the default loop, _dp4a_config; x's rows 8-byte aligned): x is read as 8-byte words in the
     weight tile's layout, so that x's values do not cross threads through shared memory in the loop (the
@@ -233,9 +214,6 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
     which their programs run on the codes they just stored (conv.conv_step_channels)."""
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    if PREFETCH:
-        _prefetch_w4(w_ptr, gs_ptr, rn, N, NG, HALF, stride_wn, stride_gn, ws_ptr, b_ptr, os_ptr, WS_MODE, HAS_BIAS,
-                     OUT_INT8, OS_MODE, LINES)
     wait_for_inputs(PDL, False)
     gi = tl.arange(0, BLOCK_G)
     q = tl.arange(0, HW)
@@ -499,18 +477,17 @@ def _launch(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor,
     cfg.pop("INT_MM", None)
     if a8 and words and _dp4a_ready(x2, w_packed, n_groups):
         hw = max(2, next_pow2(half // 4))
-        cfg = {**dp4a_tiles(n, k, n_groups), **pdl_options(x2.device, "gemv"), **cfg}
+        cfg = {**dp4a_tiles(n, k, n_groups), **pdl_options(x2.device), **cfg}
         if x2.data_ptr() % 8 or x2.stride(0) % 8:  # X_TILE reads x as 8-byte words
             cfg["X_TILE"] = 0
         _w4a8_gemv_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](
-            *args, **flags, FULL=hw == half // 4, HW=hw, LINES=next_pow2(triton.cdiv(n_groups * half, 128)),
-            EVICT=common.WEIGHT_EVICTION, **cfg, **(conv or _no_conv(dummy)))
+            *args, **flags, FULL=hw == half // 4, HW=hw, EVICT=common.WEIGHT_EVICTION, **cfg,
+            **(conv or _no_conv(dummy)))
         return
     flags.update(A8=a8, FULL=hg == half)
     if m <= GEMV_MAX_ROWS:
-        cfg = {**_gemv_config(n, n_groups, hg), **pdl_options(x2.device, "gemv"), **cfg}
-        _w4_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, HG=hg,
-                                                             LINES=next_pow2(triton.cdiv(n_groups * half, 128)), **cfg)
+        cfg = {**_gemv_config(n, n_groups, hg), **pdl_options(x2.device), **cfg}
+        _w4_gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, HG=hg, **cfg)
     else:
         cfg = {**_gemm_config(m, n, x2.element_size()), **cfg}
         grid = (triton.cdiv(m, cfg["BLOCK_M"]) * triton.cdiv(n, cfg["BLOCK_N"]),)
