@@ -38,3 +38,12 @@ def tiny_model_dir(tmp_path, arch) -> Path:
 
 def random_ids(vocab: int, shape: tuple[int, ...], seed: int = 0) -> torch.Tensor:
     return torch.randint(0, vocab, shape, generator=torch.Generator().manual_seed(seed))
+
+
+def distinct_segment_scales(qm) -> None:
+    """Give each in_proj output segment (z, x, B, C, dt) and each conv.x group of a quantized Mamba2 its own
+    scale, so that a scale read for the wrong channels changes the result."""
+    g = torch.Generator().manual_seed(8)
+    for name in qm.scales.names():
+        if ".in_proj." in name or name.endswith(".conv.x"):
+            qm.scales.set(name, qm.scales[name] * (0.5 + torch.rand(qm.scales[name].shape, generator=g)))

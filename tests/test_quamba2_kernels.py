@@ -19,7 +19,7 @@ from ssmq.ops import dispatch  # noqa: E402
 from ssmq.ops.triton import hadamard as kernels_hadamard  # noqa: E402
 from ssmq.quant.quantize import quantize  # noqa: E402
 
-from conftest import random_ids, tiny_config  # noqa: E402
+from conftest import distinct_segment_scales, random_ids, tiny_config  # noqa: E402
 
 pytestmark = pytest.mark.skipif(not HAS_TRITON, reason="Triton is not installed (pip install triton)")
 
@@ -77,6 +77,7 @@ def test_w4a8_decoding_step_runs_in_proj_and_conv_in_one_kernel(monkeypatch):
 
     cfg = tiny_config("mamba2", n_layer=1)
     qm = random_quantized_model(cfg, "cpu", "quamba2-w4a8", seed=3)
+    distinct_segment_scales(qm)
     ids = random_ids(cfg.vocab_size, (2, 6), seed=7)
     monkeypatch.setattr(dispatch, "uses_kernels", lambda *tensors: True)
     calls: dict[str, list] = {"fused": [], "conv steps": []}

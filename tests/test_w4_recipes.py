@@ -21,7 +21,7 @@ from ssmq.quant.modules import QuantRMSNorm, W8A8DeltaProjection, W8A8Linear
 from ssmq.quant.qmodel import QUANT_CONFIG, load_quantized, save_quantized
 from ssmq.quant.quantize import calibrate_for_recipe, quantize
 
-from conftest import random_ids
+from conftest import distinct_segment_scales, random_ids
 
 CAL = dict(n=3, seqlen=24, progress=False)
 OPTIONS = [(False, False), (True, False), (False, True), (True, True)]
@@ -139,3 +139,34 @@ def test_cli_quantize_w4a8_then_info(tmp_path, fp_dir):
                                  "-o", str(tmp_path / "bad")])
     assert result.exit_code == 2 and "quantizes weights only" in result.output
     assert not (tmp_path / "bad").exists()
+
+
+@torch.no_grad()
+def test_mamba2_w4a8_decoding_step_runs_in_proj_and_conv_as_one_op(monkeypatch):
+    """A quamba2-w4a8 Mamba2 decoding step calls dispatch.w4a8_linear_conv_step (in_proj with the conv's
+    one-token step) and gets exactly the logits and states of the two ops run apart, which a hook on
+    `in_proj.B` forces; a prefill never takes it."""
+    from ssmq.bench.models import random_quantized_model
+    from ssmq.ops import dispatch
+
+    cfg = ssmq.MambaConfig(arch="mamba2", d_model=32, n_layer=2, vocab_size=VOCAB, d_state=8, headdim=8, ngroups=2,
+                           chunk_size=8)
+    qm = random_quantized_model(cfg, "cpu", "quamba2-w4a8", seed=5)
+    distinct_segment_scales(qm)
+    ids = random_ids(VOCAB, (2, 7), seed=6)
+    joint = dispatch.w4a8_linear_conv_step
+    calls = []
+    monkeypatch.setattr(dispatch, "w4a8_linear_conv_step", lambda *a: calls.append(a[0].shape) or joint(*a))
+
+    def decode():
+        cache = qm.new_cache()
+        logits = torch.cat([qm(ids[:, :4], cache)] + [qm(ids[:, t:t + 1], cache) for t in range(4, 7)], dim=1)
+        return logits, cache.conv
+
+    logits, conv = decode()
+    assert len(calls) == 3 * cfg.n_layer and all(shape[1] == 1 for shape in calls)
+    calls.clear()
+    with qm.taps.hooked("layers.*.in_proj.B", lambda name, x: None):
+        apart, apart_conv = decode()
+    assert not calls
+    assert torch.equal(logits, apart) and all(torch.equal(a, b) for a, b in zip(conv, apart_conv))
