@@ -133,31 +133,34 @@ class QuantCausalConv1d(nn.Module):
             self.bias.copy_(bias.float())
         return self
 
+    def _operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
+        """(weight codes (C, k), weight scale (0-d or (C,)), fp32 bias or None) as the ops take them."""
+        w_scale = self.weight_scale if self.weight_scale.numel() > 1 else self.weight_scale[0]
+        return self.weight[:, 0], w_scale, None if self.bias is None else self.bias.float()
+
     def step_operands(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None, torch.Tensor] | None:
-        """(weight codes (C, k), weight scale, fp32 bias, output scale) for a producer that runs this conv's
-        one-token step inside its own op (W4A8Linear.project_and_convolve); None where the conv must run
-        itself: dynamic scales, or a hook on `conv.pre_act`, which must see the pre-activation."""
+        """(weight codes, weight scale, fp32 bias, output scale) for running the conv, SiLU and quantization
+        as one op: this module's forward, or a producer's that runs the conv's one-token step inside its
+        own op (W4A8Linear.project_and_convolve). None where they must run apart: dynamic scales, or a hook
+        on `conv.pre_act`, which must see the pre-activation."""
         if not self.out.static or self.taps.has_hook(self.pre_act_tap):
             return None
-        bias = None if self.bias is None else self.bias.float()
-        w_scale = self.weight_scale if self.weight_scale.numel() > 1 else self.weight_scale[0]
-        return self.weight[:, 0], w_scale, bias, self.out.scale_for(self.weight)
+        return (*self._operands(), self.out.scale_for(self.weight))
 
     def forward(self, x: QTensor, state: torch.Tensor | None) -> tuple[QTensor, torch.Tensor]:
         """Static scales: int8 conv on the codes, state = int8 codes; conv, SiLU and quantization are one
         fused op unless a hook listens on `conv.pre_act`. Dynamic (per-token input scales): the codes are
         dequantized first and the state holds fp32 inputs."""
-        bias = None if self.bias is None else self.bias.float()
-        w_scale = self.weight_scale if self.weight_scale.numel() > 1 else self.weight_scale[0]
+        fused = self.step_operands()
+        if fused is not None:
+            weight, w_scale, bias, scale = fused
+            codes, new_state = ops.int8_causal_conv1d_silu(x.codes, x.scale, weight, w_scale, bias, scale, state)
+            return QTensor(codes, scale), new_state
+        weight, w_scale, bias = self._operands()
         if self.out.static:
-            if not self.taps.has_hook(self.pre_act_tap):
-                scale = self.out.scale_for(x.codes)
-                codes, new_state = ops.int8_causal_conv1d_silu(x.codes, x.scale, self.weight[:, 0], w_scale, bias,
-                                                               scale, state)
-                return QTensor(codes, scale), new_state
-            pre, new_state = ops.int8_causal_conv1d(x.codes, x.scale, self.weight[:, 0], w_scale, bias, state)
+            pre, new_state = ops.int8_causal_conv1d(x.codes, x.scale, weight, w_scale, bias, state)
         else:
-            w = ops.dequantize(self.weight[:, 0], w_scale.reshape(-1, 1))
+            w = ops.dequantize(weight, w_scale.reshape(-1, 1))
             pre, new_state = ops.causal_conv1d(x.dequantize(), w, bias, state)
         pre = self.taps(self.pre_act_tap, pre)
         return self.out(nn.functional.silu(pre)), new_state

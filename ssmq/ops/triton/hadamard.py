@@ -69,7 +69,8 @@ def _hadamard_kernel(x_ptr, s_ptr, bt_ptr, out_ptr, os_ptr, stride_x, inv_sqrt_n
                      PDL: tl.constexpr, PREFETCH: tl.constexpr, LINES: tl.constexpr):
     """The rotation (and quantization) of one row's PB output rows; NORM: the row is first the gated norm
     of x (y) with z and w (every program of the row computes it: the row is small). PREFETCH: the
-    matrices, the per-channel scales and the norm's weight, while the kernel before finishes."""
+    matrices, the per-channel scales and the norm's weight (shared by the rows), while the kernel before
+    finishes."""
     row = tl.program_id(0).to(tl.int64)
     a = tl.arange(0, P)
     a_out = tl.program_id(1) * PB + tl.arange(0, PB)
@@ -77,15 +78,16 @@ def _hadamard_kernel(x_ptr, s_ptr, bt_ptr, out_ptr, os_ptr, stride_x, inv_sqrt_n
     in_offs = a[:, None] * MB + c[None, :]
     in_mask = (c < MB)[None, :] & (a < P)[:, None]
     if PREFETCH:
-        a0 = tl.program_id(1) * PB
-        prefetch_span(s_ptr + a0 * P, PB * P * 4, LINES)
-        prefetch_span(bt_ptr, MP * MP * 4, LINES)
-        if OUT_INT8 and OS_MODE == 1:
-            prefetch_span(os_ptr + a0 * MB, PB * MB * 4, LINES)
-        if NORM:
-            prefetch_span(w_ptr, P * MB * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
-            if GATE_Q and ZS_MODE == 1:
-                prefetch_span(zs_ptr, P * MB * 4, LINES)
+        if row == 0:  # asked for by the first row's programs only: every row reads the same
+            a0 = tl.program_id(1) * PB
+            prefetch_span(s_ptr + a0 * P, PB * P * 4, LINES)
+            prefetch_span(bt_ptr, MP * MP * 4, LINES)
+            if OUT_INT8 and OS_MODE == 1:
+                prefetch_span(os_ptr + a0 * MB, PB * MB * 4, LINES)
+            if NORM:
+                prefetch_span(w_ptr, P * MB * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
+                if GATE_Q and ZS_MODE == 1:
+                    prefetch_span(zs_ptr, P * MB * 4, LINES)
     wait_for_inputs(PDL)
     s = tl.load(s_ptr + a_out[:, None] * P + a[None, :])
     bt = tl.load(bt_ptr + c[:, None] * MP + c[None, :])

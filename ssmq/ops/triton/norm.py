@@ -27,8 +27,9 @@ def _add_rms_norm_kernel(h_ptr, r_ptr, w_ptr, out_ptr, res_ptr, os_ptr, D, strid
     row = tl.program_id(0).to(tl.int64)
     cols = tl.arange(0, BLOCK)
     mask = cols < D
-    if PREFETCH:  # the weight, and the residual (written a layer ago); LINES covers a row of 4-byte values
-        prefetch_span(w_ptr, D * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
+    if PREFETCH:  # the weight (by the first row's program), each row's residual (written a layer ago);
+        if row == 0:  # LINES covers a row of 4-byte values
+            prefetch_span(w_ptr, D * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
         if HAS_RES:
             prefetch_span(r_ptr + row * stride_r, D * (r_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
     wait_for_inputs(PDL)
@@ -124,11 +125,12 @@ def _gated_rms_norm_kernel(y_ptr, g_ptr, gs_ptr, w_ptr, out_ptr, D, GROUP, strid
     row = tl.program_id(0).to(tl.int64)
     cols = tl.program_id(1) * GROUP + tl.arange(0, BLOCK)
     mask = tl.arange(0, BLOCK) < GROUP
-    if PREFETCH:  # the group's weights and gate scales (LINES covers a group of 4-byte values)
-        prefetch_span(w_ptr + tl.program_id(1) * GROUP, GROUP * (w_ptr.dtype.element_ty.primitive_bitwidth // 8),
-                      LINES)
-        if GATE_Q and GS_MODE == 1:
-            prefetch_span(gs_ptr + tl.program_id(1) * GROUP, GROUP * 4, LINES)
+    if PREFETCH:  # the group's weights and gate scales, asked for by the first row's program only
+        if row == 0:  # (LINES covers a group of 4-byte values)
+            first = w_ptr + tl.program_id(1) * GROUP
+            prefetch_span(first, GROUP * (w_ptr.dtype.element_ty.primitive_bitwidth // 8), LINES)
+            if GATE_Q and GS_MODE == 1:
+                prefetch_span(gs_ptr + tl.program_id(1) * GROUP, GROUP * 4, LINES)
     wait_for_inputs(PDL)
     w = tl.load(w_ptr + cols, mask=mask, other=0.0)
     y = tl.load(y_ptr + row * stride_y + cols, mask=mask, other=0.0).to(tl.float32)
