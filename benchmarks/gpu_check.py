@@ -560,7 +560,7 @@ def switch_ab(device: torch.device, args: argparse.Namespace) -> dict:
     """Decoding time per token (CUDA graph, batch 1, after a --prompt-len prefill) of the fp16 model and
     the --profile-recipe twin (quantized embedding and lm_head), with a module-level switch of the kernels
     (--ab-switch MODULE.NAME=V1,V2,... or V1;V2;... for values with commas; default PDL on, off, on) set to
-    each value in turn, in one run."""
+    each value in turn, in one run. Several switches move together as MOD.A,MOD.B=(A1,B1);(A2,B2)."""
     import ast
 
     from ssmq.bench.graphs import GraphDecoder, static_cache
@@ -571,10 +571,17 @@ def switch_ab(device: torch.device, args: argparse.Namespace) -> dict:
     target, _, values = args.ab_switch.partition("=")
     if not values:
         raise ValueError(f"--ab-switch {args.ab_switch!r}: expected MODULE.NAME=V1,V2,...")
-    module, attr = _switch(target)
-    texts = values.split(";" if ";" in values else ",")  # ';' separates values that hold commas
+    switches = [_switch(name) for name in target.split(",")]
+    texts = values.split(";" if ";" in values or "," in target else ",")  # ';' separates values with commas
     settings = [ast.literal_eval(text) for text in texts]  # a typo fails before any model is built
-    original = getattr(module, attr)
+    if len(switches) > 1:
+        settings = [tuple(v) if isinstance(v, tuple) and len(v) == len(switches) else None for v in settings]
+        if None in settings:
+            raise ValueError(f"--ab-switch {args.ab_switch!r}: each value must be a tuple of {len(switches)}")
+    else:
+        settings = [(v,) for v in settings]
+    originals = [getattr(module, attr) for module, attr in switches]
+    attr = "/".join(a for _, a in switches)
     cfg = shape_config(args.shape)
     recipe = args.profile_recipe or DEFAULT_RECIPES[cfg.arch]
     ids = torch.randint(0, cfg.vocab_size, (1, args.prompt_len), device=device)
@@ -585,8 +592,9 @@ def switch_ab(device: torch.device, args: argparse.Namespace) -> dict:
                                  (recipe, lambda: random_quantized_model(cfg, device, recipe, quantize_embedding=True,
                                                                          quantize_lm_head=True))):
                 model = prepare_for_inference(build())
-                for text, value in zip(texts, settings):
-                    setattr(module, attr, value)
+                for text, values_now in zip(texts, settings):
+                    for (module, name), value in zip(switches, values_now):
+                        setattr(module, name, value)
                     cache = static_cache(cfg.n_layer)
                     tok = model(ids, cache)[:, -1].argmax(-1, keepdim=True)
                     decoder = GraphDecoder(model, cache, tok)
@@ -594,7 +602,8 @@ def switch_ab(device: torch.device, args: argparse.Namespace) -> dict:
                     out.setdefault(label, {}).setdefault(text, []).append(round(ms, 4))
                     log(f"{label} {attr}={text}: {ms:.3f} ms per token")
     finally:
-        setattr(module, attr, original)
+        for (module, name), value in zip(switches, originals):
+            setattr(module, name, value)
     return out
 
 

@@ -103,3 +103,36 @@ def test_w4a8_decoding_step_runs_in_proj_and_conv_in_one_kernel(monkeypatch):
     assert not calls["fused"] and sum(calls["conv steps"]) == 2 * cfg.n_layer
     assert torch.equal(logits, apart)
     assert all(torch.equal(a, b) for a, b in zip(states, apart_states))
+
+
+@torch.no_grad()
+def test_only_a_models_linears_let_the_gemvs_load_weights_early(monkeypatch):
+    """A model's W8A8 and W4A8 linears (and in_proj + conv) tell the kernels that their weights are constant
+    (dispatch's constant_weights: the GEMV may load them before its PDL wait); a direct call of the op, whose
+    weights a kernel still running might write, does not."""
+    from ssmq.bench.models import random_quantized_model
+    from ssmq.ops.triton import linear as kernels_linear
+    from ssmq.ops.triton import w4 as kernels_w4
+
+    monkeypatch.setattr(dispatch, "uses_kernels", lambda *tensors: True)
+    seen: list[tuple[str, bool]] = []
+    for module, name in ((kernels_linear, "int8_linear"), (kernels_w4, "w4a8_linear"),
+                         (kernels_w4, "w4a8_linear_conv_step")):
+        def spy(*a, _run=getattr(module, name), _name=name, **kw):
+            seen.append((_name, kw.get("preload", False)))
+            return _run(*a, **kw)
+        monkeypatch.setattr(module, name, spy)
+    cfg = tiny_config("mamba2", n_layer=1)
+    ids = random_ids(cfg.vocab_size, (1, 2), seed=2)
+    for recipe in ("quamba2-w8a8", "quamba2-w4a8"):
+        qm = random_quantized_model(cfg, "cpu", recipe, seed=3)
+        cache = qm.new_cache()
+        qm(ids[:, :1], cache)
+        qm(ids[:, 1:], cache)
+    assert {name for name, _ in seen} == {"int8_linear", "w4a8_linear", "w4a8_linear_conv_step"}
+    assert all(preload for _, preload in seen)
+    seen.clear()
+    x, w = torch.ones(1, 128, dtype=torch.int8), torch.ones(8, 128, dtype=torch.int8)
+    dispatch.int8_linear(x, 0.1, w, 0.1)
+    dispatch.w4a8_linear(x, 0.1, torch.zeros(8, 64, dtype=torch.uint8), 0.1, torch.ones(8, 1, dtype=torch.int16))
+    assert seen == [("int8_linear", False), ("w4a8_linear", False)]

@@ -51,16 +51,18 @@ def test_int8_linear_takes_strided_rows():
     assert torch.equal(out, ref.int8_linear(x, 0.01, w, 0.02, out_scale=0.3))
 
 
+@pytest.mark.parametrize("preload", [0, 1])
 @pytest.mark.parametrize("rows,n,k,block_k", [(1, 24, 40, 16), (3, 9, 64, 32), (2, 17, 160, 512)])
-def test_dp4a_gemv_is_exact(rows, n, k, block_k, monkeypatch):
+def test_dp4a_gemv_is_exact(rows, n, k, block_k, preload, monkeypatch):
     """The GEMV reading codes as int32 words (dp4a): exact on saturated codes, strided rows (dt_proj reads
-    x_proj's output), several K blocks and a K tail; a tuned configuration applies to its (N, K)."""
+    x_proj's output), several K blocks and a K tail, its first step taken before the loop (PRELOAD) or in
+    it; a tuned configuration applies to its (N, K)."""
     x = codes(rows, k + 12, seed=4)[:, :k]
     x[0, :4] = -128
     w = codes(n, k, seed=5)
     w[0, :4] = -128
     ws = torch.rand(n, generator=torch.Generator().manual_seed(6)) * 0.02 + 1e-3
-    cfg = {"BLOCK_N": 4, "BLOCK_K": block_k, "num_warps": 4, "DP4A": 1}
+    cfg = {"BLOCK_N": 4, "BLOCK_K": block_k, "num_warps": 4, "DP4A": 1, "PRELOAD": preload}
     out = linear.int8_linear(x, torch.tensor(0.01), w, ws, None, torch.float32, config=cfg)
     assert torch.equal(out, ref.int8_linear(x, 0.01, w, ws, None, torch.float32))
     monkeypatch.setitem(linear.GEMV_TUNED, (n, k), cfg)

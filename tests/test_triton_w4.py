@@ -27,12 +27,12 @@ from ssmq.ops.triton.conformance import agreement  # noqa: E402
 SHAPES = [((1,), 24, 384), ((3,), 20, 80), ((2, 9), 33, 256), ((70,), 20, 256)]
 
 
-def tiles(lead: tuple[int, ...], words: int = 1, x_tile: int = 0) -> dict[str, int] | None:
+def tiles(lead: tuple[int, ...], words: int = 1, x_tile: int = 0, preload: int = 1) -> dict[str, int] | None:
     """Fewer, wider GEMV programs: the interpreter's time grows with the number of programs. words=0 makes
     a W4A8 GEMV take the byte kernel instead of the int32-word (dp4a) one; x_tile=1 the word kernel's
-    X_TILE loop."""
+    X_TILE loop, preload=0 without its first step taken before the loop."""
     if lead[0] <= w4.GEMV_MAX_ROWS and len(lead) == 1:
-        return dict(BLOCK_N=8, WORDS=words, X_TILE=x_tile)
+        return dict(BLOCK_N=8, WORDS=words, X_TILE=x_tile, PRELOAD=preload)
     return None
 
 
@@ -86,15 +86,15 @@ def test_w4a16_dequantized_weights_are_the_reference_products():
     assert torch.equal(w4.dequantize_w4a16(packed, scale, torch.float16), expected.half())
 
 
-@pytest.mark.parametrize("words, x_tile", [(1, 0), (1, 1), (0, 0)])
+@pytest.mark.parametrize("words, x_tile, preload", [(1, 0, 1), (1, 1, 1), (1, 1, 0), (0, 0, 1)])
 @pytest.mark.parametrize("lead,n,k", SHAPES)
-def test_w4a8_linear_is_exact(lead, n, k, words, x_tile):
+def test_w4a8_linear_is_exact(lead, n, k, words, x_tile, preload):
     g = torch.Generator().manual_seed(k + 1)
     codes, s_c, gs = quantize_int4_two_level(weights(n, k, seed=n + 1))
     packed, bias = pack_int4(codes), torch.randn(n, generator=g)
     x = torch.randint(-128, 128, (*lead, k), generator=g, dtype=torch.int8)
     per_token = torch.rand(*lead, 1, generator=g) * 0.01 + 1e-3
-    cfg = tiles(lead, words, x_tile)
+    cfg = tiles(lead, words, x_tile, preload)
     out = w4.w4a8_linear(x, per_token, packed, s_c, gs, bias, torch.float32, config=cfg)
     assert torch.equal(out, ref.w4a8_linear(x, per_token, packed, s_c, gs, bias, torch.float32))
     out = w4.w4a8_linear(x, torch.tensor(0.01), packed, s_c, gs, None, torch.float16, config=cfg)
@@ -113,9 +113,11 @@ def test_w4a8_gemv_on_words_handles_every_nibble_and_byte():
     gs = torch.randint(1, 128, (3, k // 128), generator=torch.Generator().manual_seed(2), dtype=torch.int16)
     s_c = torch.tensor([1e-3, 2e-3, 3e-3])
     for xs in (x, x.roll(5, dims=1)):
-        for x_tile in (0, 1):  # X_TILE: the codes' bytes regrouped instead of x's, times 16
+        # X_TILE: the codes' bytes regrouped instead of x's, times 16; in steps of 8 groups, the first one
+        # taken before the loop (PRELOAD) or in it
+        for x_tile, preload in ((0, 0), (1, 0), (1, 1)):
             out = w4.w4a8_linear(xs, torch.tensor(1.0), pack_int4(codes), s_c, gs, None, torch.float32,
-                                 config=dict(BLOCK_N=4, X_TILE=x_tile))
+                                 config=dict(BLOCK_N=4, BLOCK_G=8, X_TILE=x_tile, PRELOAD=preload))
             assert torch.equal(out, ref.w4a8_linear(xs, 1.0, pack_int4(codes), s_c, gs, None, torch.float32))
 
 

@@ -156,7 +156,7 @@ def test_mamba2_w4a8_decoding_step_runs_in_proj_and_conv_as_one_op(monkeypatch):
     ids = random_ids(VOCAB, (2, 7), seed=6)
     joint = dispatch.w4a8_linear_conv_step
     calls = []
-    monkeypatch.setattr(dispatch, "w4a8_linear_conv_step", lambda *a: calls.append(a[0].shape) or joint(*a))
+    monkeypatch.setattr(dispatch, "w4a8_linear_conv_step", lambda *a, **kw: calls.append(a[0].shape) or joint(*a, **kw))
 
     def decode():
         cache = qm.new_cache()

@@ -147,8 +147,9 @@ def quantize(x: torch.Tensor, scale: ScaleLike, name: str = "scale") -> torch.Te
 
 def int8_linear(x_q: torch.Tensor, x_scale: ScaleLike, w_q: torch.Tensor, w_scale: ScaleLike,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-                out_scale: ScaleLike | None = None) -> torch.Tensor:
-    """ssmq.ops.int8_linear.int8_linear."""
+                out_scale: ScaleLike | None = None, constant_weights: bool = False) -> torch.Tensor:
+    """ssmq.ops.int8_linear.int8_linear. `constant_weights`: w_q is not written while a forward runs (a
+    model's weights), so the GPU kernel may load it before the kernels before it finish."""
     if uses_kernels(x_q, w_q) and (out_scale is not None or out_dtype in _FLOATS):
         check_int8(x_q, "x_q")
         check_int8(w_q, "w_q")
@@ -156,7 +157,7 @@ def int8_linear(x_q: torch.Tensor, x_scale: ScaleLike, w_q: torch.Tensor, w_scal
             dev = x_q.device
             out = _k().linear.int8_linear(
                 x_q, _scale(x_scale, "x_scale", dev), w_q, _scale(w_scale, "w_scale", dev), bias, out_dtype,
-                None if out_scale is None else _scale(out_scale, "out_scale", dev))
+                None if out_scale is None else _scale(out_scale, "out_scale", dev), preload=constant_weights)
             if out is not None:
                 return out
     return _int8_linear.int8_linear(x_q, x_scale, w_q, w_scale, bias, out_dtype, out_scale)
@@ -409,8 +410,9 @@ def w4a16_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
 
 def w4a8_linear(x_q: torch.Tensor, x_scale: ScaleLike, w_packed: torch.Tensor, w_scale: ScaleLike,
                 group_scale: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-                out_scale: ScaleLike | None = None) -> torch.Tensor:
-    """ssmq.ops.int4_linear.w4a8_linear (the integer group scales are checked once per version, as scales)."""
+                out_scale: ScaleLike | None = None, constant_weights: bool = False) -> torch.Tensor:
+    """ssmq.ops.int4_linear.w4a8_linear (the integer group scales are checked once per version, as scales);
+    `constant_weights` as in int8_linear (for the packed weights and group scales)."""
     if (uses_kernels(x_q, w_packed, group_scale) and (out_scale is not None or out_dtype in _FLOATS)
             and x_q.shape[-1] <= _int4_linear.MAX_K_W4A8):
         check_int8(x_q, "x_q")
@@ -418,7 +420,8 @@ def w4a8_linear(x_q: torch.Tensor, x_scale: ScaleLike, w_packed: torch.Tensor, w
         dev = x_q.device
         out = _k().w4.w4a8_linear(x_q, _scale(x_scale, "x_scale", dev), w_packed, _scale(w_scale, "w_scale", dev),
                                   group_scale, bias, out_dtype,
-                                  None if out_scale is None else _scale(out_scale, "out_scale", dev))
+                                  None if out_scale is None else _scale(out_scale, "out_scale", dev),
+                                  preload=constant_weights)
         if out is not None:
             return out
     return _int4_linear.w4a8_linear(x_q, x_scale, w_packed, w_scale, group_scale, bias, out_dtype, out_scale)
@@ -427,14 +430,14 @@ def w4a8_linear(x_q: torch.Tensor, x_scale: ScaleLike, w_packed: torch.Tensor, w
 def w4a8_linear_conv_step(x_q: torch.Tensor, x_scale: ScaleLike, w_packed: torch.Tensor, w_scale: ScaleLike,
                           group_scale: torch.Tensor, bias: torch.Tensor | None, out_scale: ScaleLike, start: int,
                           conv_w: torch.Tensor, conv_w_scale: ScaleLike, conv_bias: torch.Tensor | None,
-                          conv_out_scale: ScaleLike, state: torch.Tensor
+                          conv_out_scale: ScaleLike, state: torch.Tensor, constant_weights: bool = False
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """A one-token W4A8 projection feeding a causal conv step (Mamba2's in_proj into conv1d), defined as
     codes = w4a8_linear(x_q, ..., out_scale=out_scale) followed by
     int8_causal_conv1d_silu(codes[..., start:start + C], out_scale there, conv_w (C, k), conv_w_scale,
     conv_bias, conv_out_scale, state); returns (codes, conv codes, new state). One GPU kernel runs both
     (the projection's programs over those channels run the conv in their epilogue), updating a static
-    state in place."""
+    state in place. `constant_weights` as in w4a8_linear."""
     channels = conv_w.shape[0]
     if (uses_kernels(x_q, w_packed, group_scale, conv_w, state) and x_q.shape[-1] <= _int4_linear.MAX_K_W4A8
             and state.dtype == torch.int8):
@@ -445,10 +448,12 @@ def w4a8_linear_conv_step(x_q: torch.Tensor, x_scale: ScaleLike, w_packed: torch
         out = _k().w4.w4a8_linear_conv_step(
             x_q, _scale(x_scale, "x_scale", dev), w_packed, _scale(w_scale, "w_scale", dev), group_scale, bias,
             _scale(out_scale, "out_scale", dev), start, conv_w, _scale(conv_w_scale, "conv w_scale", dev),
-            conv_bias, _scale(conv_out_scale, "conv out_scale", dev), state, inplace=_inplace(state))
+            conv_bias, _scale(conv_out_scale, "conv out_scale", dev), state, inplace=_inplace(state),
+            preload=constant_weights)
         if out is not None:
             return out
-    codes = w4a8_linear(x_q, x_scale, w_packed, w_scale, group_scale, bias, out_scale=out_scale)
+    codes = w4a8_linear(x_q, x_scale, w_packed, w_scale, group_scale, bias, out_scale=out_scale,
+                        constant_weights=constant_weights)
     scale = torch.as_tensor(out_scale)
     if scale.dim() and scale.shape[-1] == codes.shape[-1] > 1:
         scale = scale[..., start:start + channels]

@@ -13,6 +13,8 @@ holds exactly the packed representation. `load_float` quantizes fp weights by ro
 
 from __future__ import annotations
 
+from functools import partial
+
 import torch
 from torch import nn
 
@@ -91,16 +93,15 @@ class W4A8Linear(_Int4Linear):
     def forward(self, x: QTensor | torch.Tensor) -> QTensor | torch.Tensor:
         x = _as_codes(x, self.inp)
         bias = None if self.bias is None else self.bias.float()
+        # a model's weights are written only between forwards: the GPU kernel may load them early
+        linear = partial(dispatch.w4a8_linear, x.codes, x.scale, self.weight, self.weight_scale, self.group_scale,
+                         bias, constant_weights=True)
         if self.out is not None and self.out.static:
             scale = self.out.scale_for(x.codes)
-            codes = dispatch.w4a8_linear(x.codes, x.scale, self.weight, self.weight_scale, self.group_scale, bias,
-                                         out_scale=scale)
-            return QTensor(codes, scale)
+            return QTensor(linear(out_scale=scale), scale)
         if self.out is None:  # the kernel stores out_dtype directly (the fp32 value, then a cast)
-            return dispatch.w4a8_linear(x.codes, x.scale, self.weight, self.weight_scale, self.group_scale, bias,
-                                        out_dtype=self.out_dtype)
-        y = dispatch.w4a8_linear(x.codes, x.scale, self.weight, self.weight_scale, self.group_scale, bias,
-                                 out_dtype=torch.float32)
+            return linear(out_dtype=self.out_dtype)
+        y = linear(out_dtype=torch.float32)
         return self.out(y)
 
     def project_and_convolve(self, x: QTensor | torch.Tensor, conv: nn.Module, state: torch.Tensor, start: int
@@ -118,7 +119,7 @@ class W4A8Linear(_Int4Linear):
         weight, w_scale, conv_bias, conv_scale = operands
         codes, conv_codes, new_state = dispatch.w4a8_linear_conv_step(
             x.codes, x.scale, self.weight, self.weight_scale, self.group_scale, bias, scale, start, weight, w_scale,
-            conv_bias, conv_scale, state)
+            conv_bias, conv_scale, state, constant_weights=True)
         return QTensor(codes, scale), (QTensor(conv_codes, conv_scale), new_state)
 
 

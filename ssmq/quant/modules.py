@@ -10,6 +10,7 @@ or left empty (to be filled by a checkpoint) when built from shapes.
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
+from functools import partial
 
 import torch
 from torch import nn
@@ -96,13 +97,14 @@ class W8A8Linear(nn.Module):
     def forward(self, x: QTensor | torch.Tensor) -> QTensor | torch.Tensor:
         x = _as_codes(x, self.inp)
         bias = self.bias.float() if self.bias is not None and self.adds_bias else None
+        # a model's weights are written only between forwards: the GPU kernel may load them early
+        linear = partial(ops.int8_linear, x.codes, x.scale, self.weight, self.weight_scale, bias, constant_weights=True)
         if self.out is not None and self.out.static:
             scale = self.out.scale_for(x.codes)
-            codes = ops.int8_linear(x.codes, x.scale, self.weight, self.weight_scale, bias, out_scale=scale)
-            return QTensor(codes, scale)
+            return QTensor(linear(out_scale=scale), scale)
         if self.out is None:  # the kernel stores out_dtype directly (the same rounding as fp32, then a cast)
-            return ops.int8_linear(x.codes, x.scale, self.weight, self.weight_scale, bias, out_dtype=self.out_dtype)
-        y = ops.int8_linear(x.codes, x.scale, self.weight, self.weight_scale, bias, out_dtype=torch.float32)
+            return linear(out_dtype=self.out_dtype)
+        y = linear(out_dtype=torch.float32)
         return self.out(y)
 
 

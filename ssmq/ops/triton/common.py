@@ -114,12 +114,22 @@ mamba2-8b quamba2-w4a8: 2.179 ms per token against 2.190 without (twice each, in
 GEMV keeps the default: a bench with the hint there too timed quamba2-w8a8 at 3.078 ms against 3.02."""
 
 
+PRELOAD_WEIGHTS = True
+"""Whether the int8 (W8A8) and W4A8 dp4a GEMVs of a model's linears load their first step's weights before
+their PDL wait (the kernels' PRELOAD; dispatch's constant_weights), so that the weights stream in while the
+kernel before (a norm, the Hadamard rotation, the SSD step) still runs: a model's weights are written only
+between forwards, so they may be read before the wait. gpu_check's ab stage on an H200 (CUDA-graph
+decoding, ms per token, without -> with): mamba2-8b quamba2-w4a8 2.219 -> 2.127; mamba2-2.7b quamba2-w4a8
+1.850 -> 1.677, quamba2-w8a8 2.244 -> 2.165."""
+
+
 def pdl_options(device: torch.device) -> dict[str, bool]:
     """Launch options for programmatic dependent launch (PDL): on Hopper and newer GPUs a kernel may be
     launched, and run its prologue, while the kernel before it finishes; it waits (wait_for_inputs)
     before it reads or writes any tensor (before the wait, the previous kernel's writes may not be
     visible, and a weight may have just been computed by it); only L2 prefetches (prefetch_options)
-    come earlier. Off under the interpreter and on older GPUs."""
+    and the loads of a model's constant weights (PRELOAD_WEIGHTS) come earlier. Off under the interpreter
+    and on older GPUs."""
     on = (USE_PDL and device.type == "cuda" and not INTERPRETED
           and _hopper_or_newer(device.index if device.index is not None else torch.cuda.current_device()))
     return {"PDL": on, "launch_pdl": on}
@@ -153,8 +163,8 @@ def prefetch_span(ptr, nbytes, LINES: tl.constexpr):
 @triton.jit
 def wait_for_inputs(PDL: tl.constexpr, LET_NEXT_START: tl.constexpr = True):
     """With PDL: wait until the kernel before this one has finished and its writes are visible (every
-    load and store comes after this), then (LET_NEXT_START) let the next kernel
-    start launching. Every kernel launched with PDL calls it on all paths, so the waits chain: kernel
+    load and store comes after this, but the GEMVs' loads of constant weights, PRELOAD_WEIGHTS), then
+    (LET_NEXT_START) let the next kernel start launching. Every kernel launched with PDL calls it on all paths, so the waits chain: kernel
     k + 2 waits for k. A kernel of several waves of programs passes LET_NEXT_START=False and calls
     let_next_start after its main loop, so that the next kernel's waiting programs do not take the SM
     slots its later waves need."""

@@ -17,6 +17,7 @@ import torch
 import triton
 import triton.language as tl
 
+from ssmq.ops.triton import common
 from ssmq.ops.triton.common import (INTERPRETED, PER_CHANNEL, PER_ROW, PER_TENSOR, flat_scale, let_next_start,
                                     load_scale, next_pow2, pdl_options, quantize_rn, scale_mode, wait_for_inputs)
 
@@ -116,19 +117,25 @@ else:
 def _gemv_dp4a_kernel(x_ptr, w_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N, K, stride_xm, stride_wn,
                       stride_om, XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                       OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
-                      PDL: tl.constexpr):
+                      PRELOAD: tl.constexpr, PDL: tl.constexpr):
     """The GEMV with codes read as int32 words of four and multiplied-accumulated by dp4a (exact, like the
     int32 sums of _gemv_kernel, in a quarter of the instructions). K and the row strides are multiples of
-    4 and the pointers 4-byte aligned (the launcher checks); BLOCK_K counts words."""
+    4 and the pointers 4-byte aligned (the launcher checks); BLOCK_K counts words. PRELOAD: the first step's
+    weights are loaded before the PDL wait (common.PRELOAD_WEIGHTS)."""
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
     rk = tl.arange(0, BLOCK_K)
     k4 = K // 4
     w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + (rn % N).to(tl.int64)[:, None] * (stride_wn // 4)
     x_row = x_ptr.to(tl.pointer_type(tl.int32)) + m.to(tl.int64) * (stride_xm // 4)
+    if PRELOAD:
+        w0 = tl.load(w_rows + rk[None, :], mask=(rk < k4)[None, :], other=0)
     wait_for_inputs(PDL, False)
     acc = tl.zeros((BLOCK_N, BLOCK_K), dtype=tl.int32)
-    for k0 in range(0, k4, BLOCK_K):
+    if PRELOAD:
+        x0 = tl.load(x_row + rk, mask=rk < k4, other=0)
+        acc = _dp4a(w0, tl.broadcast_to(x0[None, :], (BLOCK_N, BLOCK_K)), acc)
+    for k0 in range(BLOCK_K * PRELOAD, k4, BLOCK_K):
         kk = k0 + rk
         kmask = kk < k4
         x = tl.load(x_row + kk, mask=kmask, other=0)
@@ -187,11 +194,13 @@ def _words_aligned(x2: torch.Tensor, w: torch.Tensor) -> bool:
 
 def int8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_scale: torch.Tensor,
                 bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-                out_scale: torch.Tensor | None = None, config: dict[str, int] | None = None) -> torch.Tensor | None:
+                out_scale: torch.Tensor | None = None, config: dict[str, int] | None = None,
+                preload: bool = False) -> torch.Tensor | None:
     """W8A8 linear for x_q (..., K) and w_q (N, K), both int8; float out_dtype, or int8 when out_scale is
     given. Scales are fp32 tensors (0-d or per row for x, 0-d or (N,) for w, any of those for out).
-    `config` overrides the tile choice (for tuning; DP4A=1 picks the dp4a GEMV). Returns None when a scale
-    layout is one the kernels don't take."""
+    `config` overrides the tile choice (for tuning; DP4A=1 picks the dp4a GEMV). `preload`: no kernel still
+    running writes w_q, so the dp4a GEMV may load it before its PDL wait (a model's constant weights:
+    common.PRELOAD_WEIGHTS). Returns None when a scale layout is one the kernels don't take."""
     *lead, k = x_q.shape
     n = w_q.shape[0]
     x2 = x_q.reshape(-1, k)
@@ -219,6 +228,7 @@ def int8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_q: torch.Tensor, w_s
         cfg = {**_gemv_config(n, k), **GEMV_TUNED.get((n, k), {}), **pdl_options(dev), **(config or {})}
         if cfg.pop("DP4A", 0) and _words_aligned(x2, w):
             cfg["BLOCK_K"] = max(cfg["BLOCK_K"] // 4, 1)
+            cfg.setdefault("PRELOAD", int(preload and common.PRELOAD_WEIGHTS))
             _gemv_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, **cfg)
         else:
             _gemv_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](*args, **flags, **cfg)

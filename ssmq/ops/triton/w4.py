@@ -185,12 +185,38 @@ else:
 
 
 @triton.jit
+def _word_tile(w_rows, g_rows, g0, gi, q, NG: tl.constexpr, WG: tl.constexpr, FULL: tl.constexpr,
+               EVICT: tl.constexpr):
+    """A GEMV step's weight words (rows, groups, words) and group scales (rows, groups) from group g0 on,
+    with the word indices and masks that x's matching words take."""
+    grp = g0 + gi
+    gmask = grp < NG
+    kw = grp[:, None] * WG + q[None, :]  # (groups, words): word index in the packed row
+    kmask = gmask[:, None] if FULL else gmask[:, None] & (q < WG)[None, :]
+    w = tl.load(w_rows + kw[None, :, :], mask=kmask[None, :, :], other=0, eviction_policy=EVICT)
+    g = tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0, eviction_policy=EVICT)
+    return w, g, kw, kmask
+
+
+@triton.jit
+def _x_tile_sums(w, g, kw, kmask, x_row, rows0):
+    """The X_TILE loop's step: each row's exact int32 sum per group, times the group's scale."""
+    kw3 = kw[None, :, :] + rows0  # x's 8-byte words, in the weight tile's 3-D shape (rows0 == 0 is
+    m3 = kmask[None, :, :] & (rows0 == 0)  # all true: it gives the mask that shape too)
+    x8 = tl.load(x_row.to(tl.pointer_type(tl.int64)) + kw3, mask=m3, other=0)
+    lo, hi = _codes_x16(w)
+    d = _dp4a(hi, (x8 >> 32).to(tl.int32), _dp4a(lo, x8.to(tl.int32), tl.zeros(w.shape, tl.int32)))
+    return (tl.sum(d, axis=2) >> 4) * g.to(tl.int32)
+
+
+@triton.jit
 def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr, os_ptr, M, N,
                            NG: tl.constexpr, HALF: tl.constexpr, stride_xm, stride_wn, stride_gn, stride_om,
                            XS_MODE: tl.constexpr, WS_MODE: tl.constexpr, HAS_BIAS: tl.constexpr,
                            OUT_INT8: tl.constexpr, OS_MODE: tl.constexpr, FULL: tl.constexpr,
                            BLOCK_N: tl.constexpr, BLOCK_G: tl.constexpr, HW: tl.constexpr, UNROLL: tl.constexpr,
-                           X_TILE: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr, cw_ptr, cb_ptr, cws_ptr, cos_ptr, cs_ptr, cns_ptr, cout_ptr, CONV_START, CONV_C,
+                           X_TILE: tl.constexpr, PRELOAD: tl.constexpr, PDL: tl.constexpr, EVICT: tl.constexpr,
+                           cw_ptr, cb_ptr, cws_ptr, cos_ptr, cs_ptr, cns_ptr, cout_ptr, CONV_START, CONV_C,
                            stride_cwc, stride_csb, stride_csl, stride_cnb, stride_cnl, stride_cob,
                            CONV: tl.constexpr, KW: tl.constexpr, KWP: tl.constexpr, C_WS_MODE: tl.constexpr,
                            C_OS_MODE: tl.constexpr, C_HAS_BIAS: tl.constexpr):
@@ -200,7 +226,8 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
     GEMV does, and reduced once at the end: no cross-thread sum per step (int32 sums are exact in any order).
     The group count and size are compile-time constants, so that the word loads vectorize and UNROLL steps
     of the loop over K issue their loads together; EVICT is the weight loads' L2 eviction policy
-    (common.WEIGHT_EVICTION).
+    (common.WEIGHT_EVICTION). PRELOAD (X_TILE only; a model's constant weights, common.PRELOAD_WEIGHTS): the
+    first step's weights and group scales are loaded before the PDL wait, while the kernel before finishes.
 
     X_TILE (the default loop, _dp4a_config; x's rows 8-byte aligned): x is read as 8-byte words in the
     weight tile's layout, so that x's values do not cross threads through shared memory in the loop (the
@@ -214,34 +241,32 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
     which their programs run on the codes they just stored (conv.conv_step_channels)."""
     m = tl.program_id(1)
     rn = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
-    wait_for_inputs(PDL, False)
     gi = tl.arange(0, BLOCK_G)
     q = tl.arange(0, HW)
     w_rows = w_ptr.to(tl.pointer_type(tl.int32)) + (rn % N).to(tl.int64)[:, None, None] * (stride_wn // 4)
     g_rows = gs_ptr + (rn % N).to(tl.int64)[:, None] * stride_gn
-    x_row = x_ptr.to(tl.pointer_type(tl.int32)) + m.to(tl.int64) * (stride_xm // 4)
     WG: tl.constexpr = HALF // 4
+    if X_TILE and PRELOAD:
+        w0, gs0, kw0, kmask0 = _word_tile(w_rows, g_rows, 0, gi, q, NG, WG, FULL, EVICT)
+    wait_for_inputs(PDL, False)
+    x_row = x_ptr.to(tl.pointer_type(tl.int32)) + m.to(tl.int64) * (stride_xm // 4)
     shape: tl.constexpr = (BLOCK_N, BLOCK_G, HW)
     if X_TILE:  # one int32 sum per row and group, scaled
-        acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.int32)
         rows0 = tl.zeros((BLOCK_N, 1, 1), dtype=tl.int32)
+        acc = tl.zeros((BLOCK_N, BLOCK_G), dtype=tl.int32)
+        FIRST: tl.constexpr = BLOCK_G * PRELOAD
+        if PRELOAD:
+            acc += _x_tile_sums(w0, gs0, kw0, kmask0, x_row, rows0)
+        for g0 in tl.range(FIRST, NG, BLOCK_G, loop_unroll_factor=UNROLL):
+            w, g, kw, kmask = _word_tile(w_rows, g_rows, g0, gi, q, NG, WG, FULL, EVICT)
+            acc += _x_tile_sums(w, g, kw, kmask, x_row, rows0)
     else:  # one per word, scaled
         acc = tl.zeros(shape, dtype=tl.int32)
-    for g0 in tl.range(0, NG, BLOCK_G, loop_unroll_factor=UNROLL):
-        grp = g0 + gi
-        gmask = grp < NG
-        kw = grp[:, None] * WG + q[None, :]  # (groups, words): word index in the packed row
-        kmask = gmask[:, None] if FULL else gmask[:, None] & (q < WG)[None, :]
-        if X_TILE:
-            w = tl.load(w_rows + kw[None, :, :], mask=kmask[None, :, :], other=0, eviction_policy=EVICT)
-            kw3 = kw[None, :, :] + rows0  # x's 8-byte words, in the weight tile's 3-D shape (rows0 == 0 is
-            m3 = kmask[None, :, :] & (rows0 == 0)  # all true: it gives the mask that shape too)
-            x8 = tl.load(x_row.to(tl.pointer_type(tl.int64)) + kw3, mask=m3, other=0)
-            lo, hi = _codes_x16(w)
-            d = _dp4a(hi, (x8 >> 32).to(tl.int32), _dp4a(lo, x8.to(tl.int32), tl.zeros(shape, tl.int32)))
-            g = tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0, eviction_policy=EVICT)
-            acc += (tl.sum(d, axis=2) >> 4) * g.to(tl.int32)
-        else:
+        for g0 in tl.range(0, NG, BLOCK_G, loop_unroll_factor=UNROLL):
+            grp = g0 + gi
+            gmask = grp < NG
+            kw = grp[:, None] * WG + q[None, :]  # (groups, words): word index in the packed row
+            kmask = gmask[:, None] if FULL else gmask[:, None] & (q < WG)[None, :]
             xa = tl.load(x_row + 2 * kw, mask=kmask, other=0)
             xb = tl.load(x_row + 2 * kw + 1, mask=kmask, other=0)
             xe, xo = _even_odd_bytes(xa, xb)
@@ -454,10 +479,11 @@ def _dp4a_ready(x2: torch.Tensor, w_packed: torch.Tensor, n_groups: int) -> bool
 
 def _launch(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor, out: torch.Tensor,
             xs: torch.Tensor | None, ws: torch.Tensor | None, bias: torch.Tensor | None, os_: torch.Tensor | None,
-            modes: tuple[int, int, int], config: dict[str, int] | None, conv: dict | None = None) -> None:
+            modes: tuple[int, int, int], config: dict[str, int] | None, conv: dict | None = None,
+            preload: bool = False) -> None:
     """Run the kernel for the shapes: int8 planes + cuBLAS, the dp4a GEMV (with `conv`, its conv-step
-    arguments: w4a8_linear_conv_step, which checked that this GEMV takes the call), the byte GEMV, or the
-    tiled GEMM."""
+    arguments: w4a8_linear_conv_step, which checked that this GEMV takes the call; with `preload`, loading
+    its first weights before its PDL wait: common.PRELOAD_WEIGHTS), the byte GEMV, or the tiled GEMM."""
     m, k = x2.shape
     n, n_groups = group_scale.shape
     half = k // n_groups // 2
@@ -477,7 +503,8 @@ def _launch(x2: torch.Tensor, w_packed: torch.Tensor, group_scale: torch.Tensor,
     cfg.pop("INT_MM", None)
     if a8 and words and _dp4a_ready(x2, w_packed, n_groups):
         hw = max(2, next_pow2(half // 4))
-        cfg = {**dp4a_tiles(n, k, n_groups), **pdl_options(x2.device), **cfg}
+        cfg = {**dp4a_tiles(n, k, n_groups), "PRELOAD": int(preload and common.PRELOAD_WEIGHTS),
+               **pdl_options(x2.device), **cfg}
         if x2.data_ptr() % 8 or x2.stride(0) % 8:  # X_TILE reads x as 8-byte words
             cfg["X_TILE"] = 0
         _w4a8_gemv_dp4a_kernel[(triton.cdiv(n, cfg["BLOCK_N"]), m)](
@@ -536,11 +563,14 @@ def w4a16_linear(x: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
 
 def w4a8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor, w_scale: torch.Tensor,
                 group_scale: torch.Tensor, bias: torch.Tensor | None = None, out_dtype: torch.dtype = torch.float16,
-                out_scale: torch.Tensor | None = None, config: dict[str, int] | None = None) -> torch.Tensor | None:
+                out_scale: torch.Tensor | None = None, config: dict[str, int] | None = None,
+                preload: bool = False) -> torch.Tensor | None:
     """W4A8 linear of int8 x_q (..., K) with packed weights (N, K/2), per-row fp32 scales w_scale (N,) (or
     0-d) and integer group scales (N, K/group); float out_dtype, or int8 when out_scale is given. Scales
     are validated fp32 tensors (x: 0-d or per row). `config` overrides the tiles (INT_MM=0: the tiled GEMM
-    instead of the int8 planes for many rows). None when a layout is one the kernels don't take."""
+    instead of the int8 planes for many rows). `preload`: no kernel still running writes the packed
+    weights or group scales, so the GEMV may load them before its PDL wait (a model's constant weights).
+    None when a layout is one the kernels don't take."""
     ops = _operands(x_q, w_packed, group_scale)
     if ops is None or group_scale.dtype.is_floating_point:
         return None
@@ -558,7 +588,7 @@ def w4a8_linear(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: torch.Tensor
         dev = x_q.device
         _launch(x2, w, gs, out, flat_scale(x_scale, dev), flat_scale(w_scale, dev), bias,
                 None if out_scale is None else flat_scale(out_scale, dev), (xs_mode, ws_mode, os_mode or PER_TENSOR),
-                config)
+                config, preload=preload)
     return out.reshape(*lead, n)
 
 
@@ -566,15 +596,15 @@ def w4a8_linear_conv_step(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: to
                           group_scale: torch.Tensor, bias: torch.Tensor | None, out_scale: torch.Tensor, start: int,
                           conv_w: torch.Tensor, conv_w_scale: torch.Tensor, conv_bias: torch.Tensor | None,
                           conv_out_scale: torch.Tensor, state: torch.Tensor, inplace: bool = False,
-                          config: dict[str, int] | None = None
+                          config: dict[str, int] | None = None, preload: bool = False
                           ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None:
     """One decoding step of a W4A8 projection whose output channels start .. start + C are the inputs of a
     causal conv step (Mamba's in_proj into conv1d + SiLU + quantize), in one GEMV: w4a8_linear's int8 codes
     for out_scale (0-d or per channel), and for those channels the conv of ssmq.ops.triton.conv.conv1d
     (OUT_Q8) on them, with the conv's weight codes (C, k), fp32 scales (0-d or (C,)), bias and int8 state
     (b, k-1, C). x_q: (b, 1, K) or (b, K), b <= GEMV_MAX_ROWS. Returns (codes (..., N), conv codes
-    (..., C), new state), the state overwritten with `inplace`; None where the fused kernel does not take
-    the layout (the caller runs the two ops)."""
+    (..., C), new state), the state overwritten with `inplace`; `preload` as in w4a8_linear; None where
+    the fused kernel does not take the layout (the caller runs the two ops)."""
     ops = _operands(x_q, w_packed, group_scale)
     if ops is None or group_scale.dtype.is_floating_point or conv_w.dim() != 2 or state.dim() != 3:
         return None
@@ -603,5 +633,6 @@ def w4a8_linear_conv_step(x_q: torch.Tensor, x_scale: torch.Tensor, w_packed: to
                 stride_csb=state.stride(0), stride_csl=state.stride(1), stride_cnb=new_state.stride(0),
                 stride_cnl=new_state.stride(1), stride_cob=conv_out.stride(0), CONV=True, KW=kw,
                 KWP=next_pow2(kw - 1), C_WS_MODE=modes[3], C_OS_MODE=modes[4], C_HAS_BIAS=conv_bias is not None)
-    _launch(x2, w, gs, out, flat_scale(x_scale, dev), flat_scale(w_scale, dev), bias, os_, modes[:3], cfg, conv)
+    _launch(x2, w, gs, out, flat_scale(x_scale, dev), flat_scale(w_scale, dev), bias, os_, modes[:3], cfg, conv,
+            preload)
     return out.reshape(*lead, n), conv_out.reshape(*lead, channels), new_state
