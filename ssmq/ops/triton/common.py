@@ -164,10 +164,10 @@ def prefetch_span(ptr, nbytes, LINES: tl.constexpr):
 def wait_for_inputs(PDL: tl.constexpr, LET_NEXT_START: tl.constexpr = True):
     """With PDL: wait until the kernel before this one has finished and its writes are visible (every
     load and store comes after this, but the GEMVs' loads of constant weights, PRELOAD_WEIGHTS), then
-    (LET_NEXT_START) let the next kernel start launching. Every kernel launched with PDL calls it on all paths, so the waits chain: kernel
-    k + 2 waits for k. A kernel of several waves of programs passes LET_NEXT_START=False and calls
-    let_next_start after its main loop, so that the next kernel's waiting programs do not take the SM
-    slots its later waves need."""
+    (LET_NEXT_START) let the next kernel start launching. Every kernel launched with PDL calls it on all
+    paths, so the waits chain: kernel k + 2 waits for k. A kernel of several waves of programs passes
+    LET_NEXT_START=False and calls let_next_start after its main loop, so that the next kernel's waiting
+    programs do not take the SM slots its later waves need."""
     if PDL:
         gdc_wait()
         if LET_NEXT_START:
