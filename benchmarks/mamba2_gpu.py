@@ -181,10 +181,12 @@ def checks(ck, mode: str, budget_s: float) -> list[dict]:
             out_kind = "int8" if out_scale is not None else "fp16"
             cases.append((f"w4a8_linear {label} -> {out_kind}", f"M={m} N={nout} K={k}",
                           lambda xq=xq, xs=xs, w=w, bias=bias, os_=out_scale: dispatch.w4a8_linear(
-                              xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_),
+                              xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_, constant_weights=True),
                           lambda xq=xq, xs=xs, w=w, bias=bias, os_=out_scale: int4_linear.w4a8_linear(
                               xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_)))
-            for x_tile in (0, 1) if m == 1 else ():  # both GEMV loops, whichever the shape's default is
+            # both GEMV loops, whichever the shape's default is (called directly: no weights loaded before the
+            # PDL wait, which the case above, a model's call, has)
+            for x_tile in (0, 1) if m == 1 else ():
                 cases.append((f"w4a8_linear {label} -> {out_kind}, X_TILE {x_tile}", f"M={m} N={nout} K={k}",
                               lambda xq=xq, xs=xs, w=w, bias=bias, os_=out_scale, xt=x_tile: tw4.w4a8_linear(
                                   xq, xs, w["packed"], w["s_c"], w["g"], bias, out_scale=os_,
@@ -205,7 +207,7 @@ def checks(ck, mode: str, budget_s: float) -> list[dict]:
 
     def fused() -> tuple:
         return dispatch.w4a8_linear_conv_step(xq, xs, w["packed"], w["s_c"], w["g"], None, os_, start, cw, cws, cb,
-                                              cos, dispatch.mark_static_state(cstate.clone()))
+                                              cos, dispatch.mark_static_state(cstate.clone()), constant_weights=True)
 
     def apart() -> tuple:
         proj = int4_linear.w4a8_linear(xq, xs, w["packed"], w["s_c"], w["g"], None, out_scale=os_)
