@@ -263,17 +263,13 @@ def _w4a8_gemv_dp4a_kernel(x_ptr, w_ptr, gs_ptr, out_ptr, xs_ptr, ws_ptr, b_ptr,
     else:  # one per word, scaled
         acc = tl.zeros(shape, dtype=tl.int32)
         for g0 in tl.range(0, NG, BLOCK_G, loop_unroll_factor=UNROLL):
-            grp = g0 + gi
-            gmask = grp < NG
-            kw = grp[:, None] * WG + q[None, :]  # (groups, words): word index in the packed row
-            kmask = gmask[:, None] if FULL else gmask[:, None] & (q < WG)[None, :]
+            w, g, kw, kmask = _word_tile(w_rows, g_rows, g0, gi, q, NG, WG, FULL, EVICT)
             xa = tl.load(x_row + 2 * kw, mask=kmask, other=0)
             xb = tl.load(x_row + 2 * kw + 1, mask=kmask, other=0)
             xe, xo = _even_odd_bytes(xa, xb)
             ones = tl.full(xa.shape, 0x01010101, tl.int32)
             xsum8 = 8 * _dp4a(xb, ones, _dp4a(xa, ones, tl.zeros(xa.shape, tl.int32)))  # 8 * the word's x sum
-            w = tl.load(w_rows + kw[None, :, :], mask=kmask[None, :, :], other=0, eviction_policy=EVICT)
-            g = tl.load(g_rows + grp[None, :], mask=gmask[None, :], other=0, eviction_policy=EVICT).to(tl.int32)
+            g = g.to(tl.int32)
             d = _dp4a((w & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xe[None, :, :], shape),
                       tl.zeros(shape, tl.int32))
             d = _dp4a(((w >> 4) & 0x0F0F0F0F) ^ 0x08080808, tl.broadcast_to(xo[None, :, :], shape), d)
